@@ -1,0 +1,352 @@
+"""GLM-Image checkpoint folders: layout check, config reading, safetensors -> nn.Module.
+
+The folder is the diffusers layout of zai-org/GLM-Image (spec §3): a `model_index.json` naming
+`GlmImagePipeline` plus one sub-folder per component. Each component folder holds a `config.json`
+and either one `model.safetensors` / `diffusion_pytorch_model.safetensors` or shards listed in a
+`*.safetensors.index.json` (`weight_map`: key -> shard file).
+
+Loading contract (`load_weights`):
+- The module is usually built on the meta device. Every parameter and *persistent* buffer is
+  replaced (assign, not copy) by the checkpoint tensor, read one at a time with
+  `safetensors.safe_open(..., device=device)` and cast on that device: no fp32 detour and no
+  second full copy in host RAM.
+- Loading is strict: the module's `state_dict` keys must equal the checkpoint keys (minus
+  `ignore_keys`), with equal shapes. Everything is checked from the safetensors headers before a
+  single tensor is read, so a bad checkpoint never leaves a half-loaded module behind.
+- Computed tensors (rotary tables, position ids, ...) are not in the checkpoint. Models register
+  them with `persistent=False` so that `state_dict` keys == checkpoint keys, and rebuild them in
+  a method `init_computed_buffers(self, device)`, which `load_weights` calls on every sub-module
+  that defines it after the weights are in place. A non-persistent buffer still on the meta
+  device after that is a programming error and raises RuntimeError naming it.
+- Tied parameters (the same Parameter under two names, e.g. T5 `shared` / `encoder.embed_tokens`)
+  stay tied: any one of the names present in the checkpoint fills all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+PIPELINE_CLASS_NAME = "GlmImagePipeline"
+MODEL_INDEX_FILENAME = "model_index.json"
+SINGLE_FILE_WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+INDEX_SUFFIX = ".safetensors.index.json"
+
+# safetensors header dtype strings -> torch dtypes (only to report / to tell float from int).
+_SAFETENSORS_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+class CheckpointError(ValueError):
+    """A GLM-Image checkpoint folder or weight file is not what the loader expects.
+
+    The message names the file, the key (where there is one) and what was expected.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Folder
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{what}: file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{what}: cannot parse JSON in {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what}: expected a JSON object in {path}, found {type(data).__name__}")
+    return data
+
+
+def _read_model_index(root: Path) -> dict:
+    """model_index.json of a GLM-Image folder, or CheckpointError saying what was found instead."""
+    expected = (
+        f"expected the diffusers folder of zai-org/GLM-Image: a folder with {MODEL_INDEX_FILENAME} "
+        f"naming {PIPELINE_CLASS_NAME} and the sub-folders vision_language_encoder/, transformer/, vae/, ..."
+    )
+    if not root.exists():
+        raise CheckpointError(f"GLM-Image checkpoint folder does not exist: {root}; {expected}")
+    if not root.is_dir():
+        raise CheckpointError(
+            f"GLM-Image checkpoint must be a folder, got the file {root}; {expected}")
+    index_path = root / MODEL_INDEX_FILENAME
+    if not index_path.is_file():
+        hint = ""
+        if (root.parent / MODEL_INDEX_FILENAME).is_file():
+            hint = f" (this looks like a component sub-folder: try its parent {root.parent})"
+        elif (root / "config.json").is_file():
+            hint = " (found a config.json only: a single model, not a whole GLM-Image pipeline folder)"
+        raise CheckpointError(f"not a GLM-Image folder: {index_path} not found{hint}; {expected}")
+    model_index = _read_json(index_path, "GLM-Image model index")
+    class_name = model_index.get("_class_name")
+    if class_name != PIPELINE_CLASS_NAME:
+        raise CheckpointError(
+            f"not a GLM-Image folder: {index_path} has _class_name={class_name!r}, "
+            f"expected {PIPELINE_CLASS_NAME!r}; {expected}")
+    return model_index
+
+
+@dataclass
+class CheckpointFolder:
+    """An opened GLM-Image folder (only model_index.json has been read)."""
+
+    root: Path
+    model_index: dict = field(repr=False)
+
+    @property
+    def component_names(self) -> list[str]:
+        """Components listed in model_index.json (keys that are not `_private`)."""
+        return sorted(k for k in self.model_index if not k.startswith("_"))
+
+    def component_dir(self, name: str) -> Path:
+        """Path of a component sub-folder, e.g. "vision_language_encoder", "transformer", "vae"."""
+        path = self.root / name
+        if not path.is_dir():
+            listed = ", ".join(self.component_names) or "none"
+            raise CheckpointError(
+                f"GLM-Image component folder missing: {path} (model_index.json lists: {listed}); "
+                f"expected the official layout with one sub-folder per component")
+        return path
+
+    def read_config(self, name: str, filename: str = "config.json") -> dict:
+        """The parsed JSON file `filename` of component `name`."""
+        return _read_json(self.component_dir(name) / filename, f"config of component {name!r}")
+
+
+def open_checkpoint(folder) -> CheckpointFolder:
+    """Open a GLM-Image folder; CheckpointError if it is not one (the message says what it is)."""
+    root = Path(folder).expanduser().resolve()
+    return CheckpointFolder(root=root, model_index=_read_model_index(root))
+
+
+def is_glm_image_folder(folder) -> bool:
+    """True if `folder` has a model_index.json naming GlmImagePipeline. Never raises."""
+    try:
+        _read_model_index(Path(folder).expanduser())
+    except Exception:  # noqa: BLE001 - a folder scan must never fail on one odd entry
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Weight files
+
+
+def weight_map(component_dir) -> dict[str, Path]:
+    """Checkpoint key -> safetensors file, from the shard index or the single weight file.
+
+    Only the index (or the single file's header) is read; shards are checked to exist.
+    """
+    component_dir = Path(component_dir)
+    if not component_dir.is_dir():
+        raise CheckpointError(f"component folder not found: {component_dir}")
+    index_files = sorted(p for p in component_dir.iterdir() if p.name.endswith(INDEX_SUFFIX))
+    if len(index_files) > 1:
+        names = ", ".join(p.name for p in index_files)
+        raise CheckpointError(
+            f"{component_dir}: several shard indexes ({names}); expected exactly one *{INDEX_SUFFIX}")
+    if index_files:
+        index_path = index_files[0]
+        index = _read_json(index_path, "safetensors shard index")
+        mapping = index.get("weight_map")
+        if not isinstance(mapping, dict) or not mapping:
+            raise CheckpointError(
+                f"{index_path}: expected a non-empty 'weight_map' object (key -> shard file)")
+        result: dict[str, Path] = {}
+        for key, shard_name in mapping.items():
+            shard = component_dir / str(shard_name)
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"{index_path}: shard {shard_name!r} (holding key {key!r}) is listed in the index "
+                    f"but missing on disk at {shard}; re-download the checkpoint")
+            result[key] = shard
+        return result
+
+    singles = [component_dir / n for n in SINGLE_FILE_WEIGHT_NAMES if (component_dir / n).is_file()]
+    if len(singles) > 1:
+        raise CheckpointError(
+            f"{component_dir}: both {singles[0].name} and {singles[1].name} exist; expected one weight file")
+    if not singles:
+        found = sorted(p.name for p in component_dir.iterdir())
+        raise CheckpointError(
+            f"{component_dir}: no weights found; expected one of {', '.join(SINGLE_FILE_WEIGHT_NAMES)} "
+            f"or a *{INDEX_SUFFIX} with shards (found: {', '.join(found) or 'nothing'})")
+    path = singles[0]
+    return {key: path for key in _read_header(path)}
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, safetensors dtype string) from a safetensors header; no tensor data read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = {}
+            for key in f.keys():
+                tensor_slice = f.get_slice(key)
+                header[key] = (tuple(tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
+            return header
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
+        raise CheckpointError(
+            f"cannot read safetensors file {path}: {exc}; the file is truncated or corrupt, "
+            f"re-download it") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _target_dtype(key: str, checkpoint_dtype: str, dtype, keep_fp32) -> torch.dtype | None:
+    """None = keep the stored dtype (integer / bool tensors, or dtype=None)."""
+    if checkpoint_dtype not in _SAFETENSORS_FLOAT_DTYPES:
+        return None
+    if keep_fp32 is not None and keep_fp32(key):
+        return torch.float32
+    return dtype
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if isinstance(value, nn.Parameter):
+        setattr(owner, leaf, value)
+    else:
+        owner._buffers[leaf] = value
+
+
+def load_weights(module: nn.Module, component_dir, *, device, dtype,
+                 keep_fp32: Callable[[str], bool] | None = None,
+                 ignore_keys: Callable[[str], bool] | None = None) -> None:
+    """Strictly load a component's safetensors into `module` (usually built on the meta device).
+
+    Floating tensors become `dtype` (or fp32 where `keep_fp32(key)`), on `device`, read one at a
+    time; integer and bool tensors keep their dtype; `dtype=None` keeps the stored dtype.
+    Checkpoint keys with `ignore_keys(key)` are neither loaded nor reported as unexpected.
+    Afterwards every sub-module defining `init_computed_buffers(device)` is called (see module doc).
+    """
+    component_dir = Path(component_dir)
+    device = torch.device(device)
+    key_to_file = weight_map(component_dir)
+    where = f"{component_dir}"
+
+    # Checkpoint headers, shard by shard: key -> (shape, dtype string, file).
+    by_file: dict[Path, list[str]] = {}
+    for key, path in key_to_file.items():
+        by_file.setdefault(path, []).append(key)
+    checkpoint: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for path, keys in by_file.items():
+        header = _read_header(path)
+        for key in keys:
+            if key not in header:
+                raise CheckpointError(
+                    f"{path}: key {key!r} is listed in the shard index but is not in this shard")
+            shape, st_dtype = header[key]
+            checkpoint[key] = (shape, st_dtype, path)
+    if ignore_keys is not None:
+        checkpoint = {k: v for k, v in checkpoint.items() if not ignore_keys(k)}
+
+    # Module tensors, grouping tied aliases (one Parameter under several names).
+    groups: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    is_param: dict[int, bool] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+        tensors[id(param)] = param
+        is_param[id(param)] = True
+    for name, buf in module.named_buffers(remove_duplicate=False):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf in owner._non_persistent_buffers_set:
+            continue
+        groups.setdefault(id(buf), []).append(name)
+        tensors[id(buf)] = buf
+        is_param[id(buf)] = False
+
+    # Strict checks before any tensor data is read.
+    module_keys = {name for names in groups.values() for name in names}
+    unexpected = sorted(set(checkpoint) - module_keys)
+    if unexpected:
+        shown = ", ".join(f"{k!r} (in {checkpoint[k][2].name})" for k in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"{where}: unexpected key(s) not used by {type(module).__name__}: {shown}{more}; "
+            f"expected only the module's state_dict keys (wrong component folder or model version?)")
+    plan: list[tuple[str, int]] = []  # (checkpoint key, tensor group)
+    missing = []
+    for group_id, names in groups.items():
+        present = [n for n in names if n in checkpoint]
+        if not present:
+            missing.append(names[0])
+            continue
+        expected_shape = tuple(tensors[group_id].shape)
+        for name in present:
+            shape = checkpoint[name][0]
+            if shape != expected_shape:
+                raise CheckpointError(
+                    f"{checkpoint[name][2]}: key {name!r} has shape {list(shape)}, expected "
+                    f"{list(expected_shape)} for {type(module).__name__} (config.json does not match "
+                    f"the weights?)")
+        plan.append((present[0], group_id))
+    if missing:
+        shown = ", ".join(repr(k) for k in sorted(missing)[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{where}: missing key(s) in the checkpoint: {shown}{more}; expected every "
+            f"{type(module).__name__} parameter and persistent buffer to be stored")
+
+    # Read and assign, one shard open at a time, one tensor at a time.
+    plan_by_file: dict[Path, list[tuple[str, int]]] = {}
+    for key, group_id in plan:
+        plan_by_file.setdefault(checkpoint[key][2], []).append((key, group_id))
+    safe_device = "cpu" if device.type == "cpu" else str(device)
+    for path, items in plan_by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device=safe_device) as f:
+                for key, group_id in items:
+                    tensor = f.get_tensor(key)
+                    target = _target_dtype(key, checkpoint[key][1], dtype, keep_fp32)
+                    tensor = tensor.to(device=device, dtype=target)
+                    old = tensors[group_id]
+                    if is_param[group_id]:
+                        tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
+                    for name in groups[group_id]:  # tied aliases share the one new tensor
+                        _assign(module, name, tensor)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot read tensors from {path}: {exc}; the file is truncated or corrupt, "
+                f"re-download it") from exc
+
+    init_computed_buffers(module, device)
+
+
+def init_computed_buffers(module: nn.Module, device) -> None:
+    """Rebuild non-persistent (computed) buffers after loading; see the module docstring.
+
+    Calls `init_computed_buffers(device)` on each sub-module that defines it, moves the other
+    non-persistent buffers to `device`, and raises RuntimeError if any is left on the meta device.
+    """
+    device = torch.device(device)
+    for sub in module.modules():
+        hook = getattr(type(sub), "init_computed_buffers", None)
+        if callable(hook):
+            sub.init_computed_buffers(device)
+    for sub_name, sub in module.named_modules():
+        for leaf in sub._non_persistent_buffers_set:
+            buf = sub._buffers.get(leaf)
+            if buf is None:
+                continue
+            if buf.is_meta:
+                raise RuntimeError(
+                    f"{type(module).__name__}: computed buffer {sub_name + '.' if sub_name else ''}{leaf} "
+                    f"is still on the meta device after loading; {type(sub).__name__} must define "
+                    f"init_computed_buffers(self, device) that rebuilds it")
+            if buf.device != device:
+                sub._buffers[leaf] = buf.to(device)
