@@ -1,0 +1,212 @@
+"""The GLM-Image AR model: a GLM-4-style text decoder with 3-D M-RoPE and a vision-vocab head
+(spec §1.2.3), plus the reference-image tokenizer from `vision.py`.
+
+Attribute names mirror the checkpoint keys (spec §3.1) so `load_weights` needs no mapping:
+`model.visual.*`, `model.language_model.*`, `model.vqmodel.*`, `lm_head.weight`.
+
+The model holds no generation state. A `KVCache` (decode.py) is passed in explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ARConfig, TextConfig
+from .vision import VisionModel, VQModel, activation, reference_image_ids
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, cast back, then scale: the cast comes before the weight (spec §1.2.3)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotate-half over the first rotary_dim dims; the rest pass through.
+
+    x (B, heads, L, head_dim); cos, sin (B, 1, L, rotary_dim) in x's dtype.
+    """
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class TextAttention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, layer_cache=None, cache_index=None):
+        """x (B, L, hidden); attn_mask (B, 1, L, S) bool, True = may attend.
+
+        layer_cache None: attend over this call's keys (teacher forcing).
+        layer_cache and cache_index None: prefill, write keys at [0, L) and attend over them.
+        layer_cache and cache_index (1,) long: one decode token, write at cache_index and attend over
+        the whole preallocated cache (static shapes).
+        """
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if layer_cache is not None:
+            if cache_index is None:
+                layer_cache.write_prefix(k, v)
+            else:
+                k, v = layer_cache.write_at(cache_index, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class TextMLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # gate rows come first in the fused weight
+        return self.down_proj(up * self.act(gate))
+
+
+class TextDecoderLayer(nn.Module):
+    """Sandwich-norm block: four RMSNorms (spec §1.2.3)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.self_attn = TextAttention(config)
+        self.mlp = TextMLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x, cos, sin, attn_mask, layer_cache=None, cache_index=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, layer_cache, cache_index)
+        x = x + self.post_self_attn_layernorm(attn)
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TextDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, cos, sin, attn_mask, kv_cache=None, cache_index=None) -> torch.Tensor:
+        """hidden (B, L, hidden) embeddings -> final-normed hidden states (B, L, hidden)."""
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if kv_cache is None else kv_cache.layers[i]
+            hidden = layer(hidden, cos, sin, attn_mask, layer_cache, cache_index)
+        return self.norm(hidden)
+
+
+class GlmImageARBackbone(nn.Module):
+    """Holds the three sub-models under the checkpoint's `model.` prefix."""
+
+    def __init__(self, config: ARConfig):
+        super().__init__()
+        self.visual = VisionModel(config.vision)
+        self.language_model = TextModel(config.text)
+        self.vqmodel = VQModel(config.vq)
+
+
+class GlmImageAR(nn.Module):
+    def __init__(self, config: ARConfig):
+        super().__init__()
+        text = config.text
+        if 2 * sum(text.mrope_section) != text.rotary_dim:
+            raise ValueError(
+                f"config.json: rope mrope_section {list(text.mrope_section)} must sum to head_dim * "
+                f"partial_rotary_factor / 2 = {text.rotary_dim // 2}"
+            )
+        if config.vq.latent_channels != config.vision.hidden_size:
+            raise ValueError(
+                f"config.json: vq_config.latent_channels {config.vq.latent_channels} must equal "
+                f"vision_config.hidden_size {config.vision.hidden_size}"
+            )
+        self.config = config
+        self.model = GlmImageARBackbone(config)
+        self.lm_head = nn.Linear(text.hidden_size, text.vision_vocab_size, bias=False)
+
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies, always computed in fp32 on the CPU (never rounded with the weights)."""
+        text = self.config.text
+        dim = text.rotary_dim
+        return 1.0 / (text.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def rotary_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (3, B, L) long (t, h, w) -> cos, sin (B, 1, L, rotary_dim) in `dtype`.
+
+        Frequency slot k takes its angle from axis a(k) given by mrope_section, then the 32 (for the
+        real model) slots are duplicated for rotate-half. Computed in fp32, then cast (spec §1.2.3).
+        """
+        inv_freq = self.inv_freq().to(positions.device)
+        angles = positions[..., None].float() * inv_freq  # (3, B, L, rotary_dim/2)
+        sections = self.config.text.mrope_section
+        axis_of_slot = torch.tensor([i % 3 for i, n in enumerate(sections) for _ in range(n)], device=positions.device)
+        # for each slot, the angle of its axis: (B, L, rotary_dim/2)
+        angles = angles.gather(0, axis_of_slot.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.language_model.embed_tokens(input_ids)
+
+    def hidden_states(self, hidden, cos, sin, attn_mask, kv_cache=None, cache_index=None) -> torch.Tensor:
+        return self.model.language_model(hidden, cos, sin, attn_mask, kv_cache, cache_index)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def image_token_ids(self, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Reference images -> codebook ids (Σ h*w,) long, row-major per image, images in order."""
+        return reference_image_ids(self.model.visual, self.model.vqmodel, pixel_values.to(self.device), grids)
+
+
+def load_ar(checkpoint_folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> GlmImageAR:
+    """Build the AR model on the meta device and assign the checkpoint's weights straight to device/dtype."""
+    from ..checkpoint import load_weights, open_checkpoint
+
+    folder = open_checkpoint(checkpoint_folder)
+    component = folder.component_dir("vision_language_encoder")
+    config = ARConfig.from_folder(component)
+    with torch.device("meta"):
+        model = GlmImageAR(config)
+    load_weights(model, component, device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)
