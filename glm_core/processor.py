@@ -20,7 +20,7 @@ Reference images go through two steps:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +223,17 @@ class ARInputs:
     @property
     def is_text_to_image(self) -> bool:
         return self.preview_grid is not None
+
+    def to(self, device) -> ARInputs:
+        """A copy with the tensors on `device` (pixel_values keep float32; cast them where used)."""
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            image_grid_thw=self.image_grid_thw.to(device),
+            images_per_sample=self.images_per_sample.to(device),
+            pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
+        )
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,8 @@ def test_i2i_one_reference_matches_reference(ref, ours):
     assert_same(expected, got)
     assert got.reference_grids == [(16, 24)]
     assert got.preview_grid is None and not got.is_text_to_image
+    moved = got.to("cpu")
+    assert torch.equal(moved.pixel_values, got.pixel_values) and moved.target_grid == got.target_grid
     ids = got.input_ids[0].tolist()
     assert ids[0] == ours.bos_token_id and ids[1 + 16 * 24] == ours.eos_token_id
     assert ids.count(ours.image_token_id) == 16 * 24
