@@ -229,3 +229,23 @@ def test_quant_convs_follow_config(tiny_checkpoint):
     assert relative_error(ours.encode_latents(images), (ref.encode(images).latent_dist.mode() - mean) / std) <= VAE_TOL
     latents = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(11))
     assert relative_error(ours.decode_latents(latents), ref.decode(latents * std + mean).sample) <= VAE_TOL
+
+
+@torch.no_grad()
+def test_decode_matches_whole_pipeline_output(tiny_checkpoint, our_vae):
+    """End to end through GlmImagePipeline itself: its output_type="latent" latents, decoded by us, equal its
+    output_type="pt" image (same seed, supplied prior so the AR does not run)."""
+    from tests.reference import reference_pipeline
+
+    pipe = reference_pipeline(tiny_checkpoint, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prior = torch.randint(0, 16384, (1, 2 * 2), generator=torch.Generator().manual_seed(12))  # 32² target
+
+    def run(output_type):
+        return pipe(prompt="a cat", height=32, width=32, num_inference_steps=1, prior_token_ids=prior,
+                    output_type=output_type, generator=torch.Generator().manual_seed(0)).images
+
+    latents, ref_pixels = run("latent"), run("pt")
+    pixels = postprocess(our_vae.decode_latents(latents))
+    assert pixels.shape == (1, 32, 32, 3)
+    assert (pixels - ref_pixels.permute(0, 2, 3, 1)).abs().max().item() <= PIXEL_TOL
