@@ -1,0 +1,130 @@
+"""The few ComfyUI runtime services the nodes use, imported when present, with fallbacks outside ComfyUI.
+
+Every ComfyUI module is imported at call time, never at import time: the pack must import without
+ComfyUI (tests, tools), and ComfyUI's own modules are already loaded when a node runs, so the import is
+a dictionary lookup. Nothing here catches ComfyUI's interrupt exception.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+# Model folder key registered with folder_paths, so that `glm_image: /big/disk/glm` in
+# extra_model_paths.yaml works without any code of ours.
+MODEL_FOLDER_KEY = "glm_image"
+# GLM-Image is published in diffusers layout, so folders under models/diffusers/ are scanned too.
+SCANNED_FOLDER_KEYS = (MODEL_FOLDER_KEY, "diffusers")
+PREVIEW_MAX_SIZE = 512  # ComfyUI's default --preview-size
+
+
+def _folder_paths():
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return folder_paths
+
+
+def _model_management():
+    try:
+        import comfy.model_management as model_management
+    except ImportError:
+        return None
+    return model_management
+
+
+def _comfy_utils():
+    try:
+        import comfy.utils as comfy_utils
+    except ImportError:
+        return None
+    return comfy_utils
+
+
+# --- folders --------------------------------------------------------------------------------------
+
+def register_model_folder() -> None:
+    """Add models/glm_image/ under the key `glm_image` (a no-op outside ComfyUI; ComfyUI de-duplicates)."""
+    folder_paths = _folder_paths()
+    if folder_paths is not None:
+        folder_paths.add_model_folder_path(MODEL_FOLDER_KEY, os.path.join(folder_paths.models_dir, MODEL_FOLDER_KEY))
+
+
+def model_search_roots() -> list[Path]:
+    """Every folder registered under `glm_image` and `diffusers`, in ComfyUI's order, without duplicates.
+
+    Outside ComfyUI: ./models/glm_image and ./models/diffusers relative to the working directory.
+    """
+    folder_paths = _folder_paths()
+    roots: list[Path] = []
+    for key in SCANNED_FOLDER_KEYS:
+        if folder_paths is None:
+            paths = [os.path.join("models", key)]
+        elif key in folder_paths.folder_names_and_paths:
+            paths = folder_paths.get_folder_paths(key)
+        else:
+            paths = []
+        for path in paths:
+            if Path(path) not in roots:
+                roots.append(Path(path))
+    return roots
+
+
+def input_directory() -> Path:
+    folder_paths = _folder_paths()
+    return Path(folder_paths.get_input_directory() if folder_paths else "input")
+
+
+def output_directory() -> Path:
+    folder_paths = _folder_paths()
+    return Path(folder_paths.get_output_directory() if folder_paths else "output")
+
+
+# --- devices and memory ---------------------------------------------------------------------------
+
+def torch_device():
+    """ComfyUI's compute device (respects --cpu, --directml, ...); None outside ComfyUI = the core's default."""
+    model_management = _model_management()
+    return model_management.get_torch_device() if model_management else None
+
+
+def free_memory(bytes_needed: int, device) -> None:
+    """Ask ComfyUI to unload its own models until `bytes_needed` are free on `device`, then release
+    cached blocks. Called before one of our stages moves its weights to the GPU."""
+    model_management = _model_management()
+    if model_management is None or device is None:
+        return
+    model_management.free_memory(bytes_needed, device)
+    model_management.soft_empty_cache()
+
+
+def empty_cache() -> None:
+    """Give cached GPU blocks back after we offloaded a stage."""
+    model_management = _model_management()
+    if model_management is not None:
+        model_management.soft_empty_cache()
+
+
+# --- progress and interrupt -----------------------------------------------------------------------
+
+def interrupt_check() -> Callable[[], None] | None:
+    """ComfyUI's "stop" button: a callable that raises its InterruptProcessingException when pressed."""
+    model_management = _model_management()
+    return model_management.throw_exception_if_processing_interrupted if model_management else None
+
+
+class Progress:
+    """ComfyUI's progress bar for the running node; created on the first update, when the total is known."""
+
+    def __init__(self):
+        self._bar = None
+
+    def __call__(self, done: int, total: int, preview_image=None) -> None:
+        if self._bar is None:
+            comfy_utils = _comfy_utils()
+            if comfy_utils is None:
+                return
+            self._bar = comfy_utils.ProgressBar(total)
+        preview = None if preview_image is None else ("JPEG", preview_image, PREVIEW_MAX_SIZE)
+        self._bar.update_absolute(done, total, preview)

@@ -1,0 +1,99 @@
+"""Load GLM-Image: pick a GLM-Image folder (diffusers layout) from models/glm_image/ or models/diffusers/."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import comfy_services
+from .types import CATEGORY, GLM_IMAGE_MODEL
+
+DEFAULT_MODEL_FOLDER = "GLM-Image"  # models/glm_image/GLM-Image = a download of zai-org/GLM-Image
+# fp16 is left out: the reference reports fp16 VAE overflow (black / NaN images) for this model.
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_MAX_SCAN_DEPTH = 3  # models/glm_image/<org>/<name>/model_index.json is depth 2; stop well before a big tree
+
+comfy_services.register_model_folder()
+
+
+def _glm_image_folders_under(root: Path) -> list[str]:
+    """Folders under `root` (relative, '/'-separated) that hold a GLM-Image model_index.json."""
+    from ..glm_core.checkpoint import MODEL_INDEX_FILENAME, is_glm_image_folder
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        relative = Path(dirpath).relative_to(root)
+        if relative.parts and MODEL_INDEX_FILENAME in filenames and is_glm_image_folder(dirpath):
+            found.append(relative.as_posix())
+            dirnames.clear()  # a model folder's sub-folders are its components, not more models
+        elif len(relative.parts) >= _MAX_SCAN_DEPTH:
+            dirnames.clear()
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return found
+
+
+def list_model_folders() -> list[str]:
+    """Every GLM-Image folder under the registered roots; the first root wins on equal names."""
+    names: list[str] = []
+    for root in comfy_services.model_search_roots():
+        if root.is_dir():
+            names += [name for name in _glm_image_folders_under(root) if name not in names]
+    return names
+
+
+def resolve_model_folder(name: str) -> Path:
+    """The folder behind a combo value, or ValueError that says where GLM-Image is looked for."""
+    from ..glm_core.checkpoint import is_glm_image_folder
+
+    roots = comfy_services.model_search_roots()
+    if ".." not in Path(name).parts and not Path(name).is_absolute():
+        for root in roots:
+            if is_glm_image_folder(root / name):
+                return root / name
+    searched = ", ".join(str(root) for root in roots) or "(no model folders registered)"
+    raise ValueError(
+        f"GLM-Image model folder {name!r} not found. Searched: {searched}. Put a download of "
+        f"zai-org/GLM-Image (the whole folder with model_index.json) at models/glm_image/{DEFAULT_MODEL_FOLDER}, "
+        f"or add a `glm_image:` path in extra_model_paths.yaml, then refresh the node list.")
+
+
+class LoadGlmImage:
+    DESCRIPTION = (
+        "Opens a GLM-Image model folder (the diffusers layout of zai-org/GLM-Image). Cheap: each stage's "
+        "weights (AR prior, DiT, VAE, glyph encoder) load on first use, so re-running this node costs nothing.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (GLM_IMAGE_MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The GLM-Image model; connect it to Encode Prompt, AR Generate Tokens and DiT Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_folder": (list_model_folders(), {
+                    "tooltip": "A folder containing GLM-Image's model_index.json, found under models/glm_image/ "
+                               f"(default name: {DEFAULT_MODEL_FOLDER}) or models/diffusers/."}),
+                "dtype": (list(DTYPES), {
+                    "default": "bf16",
+                    "tooltip": "Weight precision. bf16: the checkpoint's own precision, half the memory of fp32. "
+                               "fp32: for CPUs without fast bf16, or to rule out precision issues."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, model_folder, dtype):
+        # Re-open the folder when its model_index.json changes (a new download), not only when the name does.
+        try:
+            index = resolve_model_folder(model_folder) / "model_index.json"
+            return f"{index}:{index.stat().st_mtime_ns}:{dtype}"
+        except (ValueError, OSError):
+            return ""  # load() raises the clear error
+
+    def load(self, model_folder, dtype):
+        from ..glm_core.pipeline import GlmImage
+
+        folder = resolve_model_folder(model_folder)
+        return (GlmImage.from_folder(folder, device=comfy_services.torch_device(), dtype=DTYPES[dtype]),)

@@ -1,0 +1,131 @@
+"""Hand-written stand-ins for the ComfyUI core nodes the shipped workflows use, and `/object_info` export.
+
+LoadImage, SaveImage and PreviewImage follow their documented contract (inputs, outputs, widget options,
+IMAGE = (B, H, W, 3) float32 in [0, 1]); Note and MarkdownNote exist only in the frontend and never reach
+the backend, so they are listed as UI-only types.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+UI_ONLY_TYPES = ("Note", "MarkdownNote")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _directory(kind: str) -> Path:
+    import folder_paths  # the harness stub, installed by the fixtures
+
+    return Path(getattr(folder_paths, f"get_{kind}_directory")())
+
+
+def _save_images(images: torch.Tensor, prefix: str, kind: str) -> list[dict]:
+    folder = _directory(kind)
+    (folder / prefix).parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for image in images:
+        counter = 1
+        while (path := folder / f"{prefix}_{counter:05}_.png").exists():
+            counter += 1
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        PIL.Image.fromarray(pixels).save(path)
+        results.append({"filename": path.name, "subfolder": path.parent.relative_to(folder).as_posix().strip("."),
+                        "type": kind})
+    return results
+
+
+class LoadImage:
+    CATEGORY = "image"
+    FUNCTION = "load_image"
+    RETURN_TYPES = ("IMAGE", "MASK")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folder = _directory("input")
+        files = sorted(f for f in os.listdir(folder)
+                       if (folder / f).is_file() and f.lower().endswith(IMAGE_EXTENSIONS))
+        return {"required": {"image": (files, {"image_upload": True})}}
+
+    def load_image(self, image):
+        picture = PIL.Image.open(_directory("input") / image)
+        rgb = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]  # (1, H, W, 3)
+        if "A" in picture.getbands():
+            alpha = np.asarray(picture.getchannel("A"), dtype=np.float32) / 255.0
+            mask = 1.0 - torch.from_numpy(alpha)[None]  # ComfyUI's mask is the inverted alpha
+        else:
+            mask = torch.zeros((1, 64, 64), dtype=torch.float32)
+        return (rgb, mask)
+
+
+class SaveImage:
+    CATEGORY = "image"
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE", {"tooltip": "The images to save."}),
+                             "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": "File name prefix."})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        return {"ui": {"images": _save_images(images, filename_prefix, "output")}}
+
+
+class PreviewImage:
+    CATEGORY = "image"
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_images(self, images, prompt=None, extra_pnginfo=None):
+        return {"ui": {"images": _save_images(images, "ComfyUI_temp", "temp")}}
+
+
+CORE_NODE_CLASS_MAPPINGS = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+CORE_DISPLAY_NAMES = {"LoadImage": "Load Image", "SaveImage": "Save Image", "PreviewImage": "Preview Image"}
+
+
+def node_info(name: str, node_class, display_name: str | None, python_module: str) -> dict:
+    """One `/object_info` entry for a V1 node class, in the shape ComfyUI's server returns."""
+    input_types = node_class.INPUT_TYPES()
+    info = {
+        "input": input_types,
+        "input_order": {section: list(entries) for section, entries in input_types.items()},
+        "output": list(node_class.RETURN_TYPES),
+        "output_is_list": list(getattr(node_class, "OUTPUT_IS_LIST", [False] * len(node_class.RETURN_TYPES))),
+        "output_name": list(getattr(node_class, "RETURN_NAMES", node_class.RETURN_TYPES)),
+        "name": name,
+        "display_name": display_name or name,
+        "description": getattr(node_class, "DESCRIPTION", ""),
+        "python_module": python_module,
+        "category": getattr(node_class, "CATEGORY", "sd"),
+        "output_node": bool(getattr(node_class, "OUTPUT_NODE", False)),
+    }
+    if hasattr(node_class, "OUTPUT_TOOLTIPS"):
+        info["output_tooltips"] = list(node_class.OUTPUT_TOOLTIPS)
+    return info
+
+
+def object_info(pack) -> dict:
+    """`/object_info` for the pack's nodes plus the core nodes above (a JSON-able dict)."""
+    out = {name: node_info(name, cls, CORE_DISPLAY_NAMES.get(name), "nodes")
+           for name, cls in CORE_NODE_CLASS_MAPPINGS.items()}
+    for name, cls in pack.node_class_mappings.items():
+        out[name] = node_info(name, cls, pack.display_name_mappings.get(name), pack.python_module)
+    return out
+
+
+def class_mappings(pack) -> dict:
+    """Everything the executor can run: core stand-ins plus the pack's nodes."""
+    return {**CORE_NODE_CLASS_MAPPINGS, **pack.node_class_mappings}

@@ -1,0 +1,79 @@
+"""Fixtures for the node-pack tests: ComfyUI stubs, the pack loaded from a randomly named folder, ComfyUI-like
+folders per test, and model folders (a fake one for definition checks, the tiny checkpoint for execution)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ComfyStubs, class_mappings, copy_pack, load_pack, object_info, unload_pack
+from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER
+
+@pytest.fixture(scope="session")
+def comfy_stubs(tmp_path_factory):
+    stubs = ComfyStubs(tmp_path_factory.mktemp("comfyui-session"))
+    with stubs.installed():
+        yield stubs
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_stubs, tmp_path_factory):
+    """The pack copied to custom_nodes/<random name with dots and dashes> and imported like ComfyUI does."""
+    folder = copy_pack(tmp_path_factory.mktemp("custom_nodes"))
+    loaded = load_pack(folder)
+    yield loaded
+    unload_pack(loaded)
+
+
+@pytest.fixture
+def comfy(comfy_stubs, tmp_path):
+    """ComfyUI folders (models/, input/, output/, temp/) under this test's tmp_path, records cleared."""
+    comfy_stubs.configure(tmp_path / "comfyui")
+    yield comfy_stubs
+    comfy_stubs.reset_records()
+
+
+def models_dir(comfy) -> Path:
+    return Path(comfy.modules["folder_paths"].models_dir)
+
+
+@pytest.fixture
+def fake_model_folder(comfy) -> Path:
+    """models/glm_image/GLM-Image holding only a GLM-Image model_index.json (enough for the folder list)."""
+    folder = models_dir(comfy) / "glm_image" / DEFAULT_MODEL_FOLDER
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
+    return folder
+
+
+@pytest.fixture
+def installed_checkpoint(comfy, tiny_checkpoint) -> Path:
+    """The tiny checkpoint linked as models/glm_image/GLM-Image, the shipped workflows' default name."""
+    link = models_dir(comfy) / "glm_image" / DEFAULT_MODEL_FOLDER
+    link.parent.mkdir(parents=True)
+    link.symlink_to(tiny_checkpoint, target_is_directory=True)
+    return link
+
+
+@pytest.fixture
+def reference_images(comfy) -> list[str]:
+    """Input images the shipped workflows load (LoadImage widgets), of different sizes."""
+    import PIL.Image
+
+    names = {"reference.png": (640, 512), "subject_1.png": (512, 512), "subject_2.png": (512, 768),
+             "subject_3.png": (768, 512)}
+    for index, (name, size) in enumerate(names.items()):
+        PIL.Image.new("RGB", size, (40 + 60 * index, 120, 200 - 40 * index)).save(comfy.directories["input"] / name)
+    return list(names)
+
+
+@pytest.fixture
+def info(pack, comfy):
+    """`/object_info` as the server would build it now (combo lists reflect this test's folders)."""
+    return lambda: object_info(pack)
+
+
+@pytest.fixture
+def mappings(pack):
+    return class_mappings(pack)
