@@ -71,7 +71,7 @@ def image_seq_len(height: int, width: int, vae_scale_factor: int, patch_size: in
 
 
 def timesteps_and_sigmas(num_steps: int, image_seq_len: int,
-                         config: SchedulerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                         scheduler_config: SchedulerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps (N,) float32, unshifted integers 1000, 980, ...; sigmas (N+1,) float32, shifted, ending in 0.
 
     The DiT sees ``timesteps[i] - 1`` (see ``dit_timestep``); the Euler update uses the shifted sigmas
@@ -79,6 +79,7 @@ def timesteps_and_sigmas(num_steps: int, image_seq_len: int,
     """
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {num_steps!r}.")
+    config = scheduler_config
     num_train = config.num_train_timesteps
     # float64 linspace, then int64 truncation (N=30 gives 966, not 966.67): the numpy ops the reference uses,
     # because a torch linspace can land an ulp below an integer and truncate to the wrong value.
