@@ -261,9 +261,10 @@ def test_ar_logits_are_order_one(tiny_checkpoint, ar_default):
         logits = ar_default(**inputs).logits[0]  # (P, 16512)
     codebook = logits[:, : tiny.CODEBOOK_SIZE]
     assert codebook.std(dim=-1).min() > 1.0
-    # default variant: every out-of-codebook row (markers, EOS, unused) scores far below the best id
-    margin = codebook.max(dim=-1).values - logits[:, tiny.CODEBOOK_SIZE :].max(dim=-1).values
-    assert margin.min() > 5.0
+    # default variant: all out-of-codebook rows (markers, EOS, unused) together have probability
+    # < e^-10 even with plain sampling (temperature 1, no top-k / top-p)
+    log_probs = logits.log_softmax(dim=-1)
+    assert torch.logsumexp(log_probs[:, tiny.CODEBOOK_SIZE :], dim=-1).max() < -10.0
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2], ids=["temporal", "height", "width"])
@@ -282,9 +283,9 @@ def test_ar_logits_depend_on_each_mrope_axis(tiny_checkpoint, ar_default, axis):
     assert (base - moved).abs().max() > 0.1  # >= 1000x the 1e-4 AR parity tolerance
 
 
-def _generate(model, inputs, seed: int) -> torch.Tensor:
-    grids = inputs["image_grid_thw"]
-    new_tokens = int(grids.prod(-1).sum()) + 1  # t2i: large + preview grid + end slot (spec §2.1)
+def _generate(model, inputs, seed: int, new_tokens: int | None = None) -> torch.Tensor:
+    if new_tokens is None:  # t2i: large + preview grid + end slot (spec §2.1)
+        new_tokens = int(inputs["image_grid_thw"].prod(-1).sum()) + 1
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True)
@@ -302,11 +303,9 @@ def test_default_variant_samples_only_codebook_ids(tiny_checkpoint, ar_default):
 def test_ooc_variant_makes_reference_leave_the_codebook(tiny_checkpoint_ooc):
     model = reference_ar(tiny_checkpoint_ooc)
     inputs = reference_ar_inputs(reference_processor(tiny_checkpoint_ooc), PROMPT, 64, 64)
-    generated = _generate(model, inputs, seed=0)
-    assert generated.numel() == 2 * 2 + 16 * 16 + 1
-    grid_tokens = generated[:-1]  # preview grid then large grid
-    assert int((grid_tokens >= tiny.CODEBOOK_SIZE).sum()) > grid_tokens.numel() // 2
-    assert int((grid_tokens[256:] >= tiny.CODEBOOK_SIZE).sum()) > 0  # inside the large grid too
+    generated = _generate(model, inputs, seed=0, new_tokens=24)  # the first 24 cells of the preview grid
+    assert generated.numel() == 24  # EOS is not among the boosted rows: no early stop
+    assert int((generated >= tiny.CODEBOOK_SIZE).sum()) > 12
 
 
 def test_reference_image_tokens_are_codebook_ids(tiny_checkpoint, ar_default):
