@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 PIPELINE_CLASS_NAME = "GlmImagePipeline"
@@ -350,3 +351,36 @@ def init_computed_buffers(module: nn.Module, device) -> None:
                     f"init_computed_buffers(self, device) that rebuilds it")
             if buf.device != device:
                 sub._buffers[leaf] = buf.to(device)
+
+
+def save_sharded(state_dict: dict[str, torch.Tensor], folder, stem: str, num_shards: int) -> None:
+    """Write HF-style shards `{stem}-0000k-of-0000n.safetensors` and `{stem}.safetensors.index.json`.
+
+    The layout the official checkpoint uses for its two large components (spec §3); tensors are split
+    in order into shards of roughly equal byte size.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(state_dict)
+    sizes = [state_dict[n].numel() * state_dict[n].element_size() for n in names]
+    total_size = sum(sizes)
+    num_shards = max(1, min(num_shards, len(names)))
+    budget = total_size / num_shards
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, size in zip(names, sizes):
+        if shards[-1] and filled + size / 2 > budget * len(shards) and len(shards) < num_shards:
+            shards.append([])
+        shards[-1].append(name)
+        filled += size
+    weight_map = {}
+    for k, shard_names in enumerate(shards, start=1):
+        file_name = f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state_dict[n].contiguous() for n in shard_names}, str(folder / file_name),
+                  metadata={"format": "pt"})
+        weight_map.update({n: file_name for n in shard_names})
+    index = {
+        "metadata": {"total_parameters": sum(t.numel() for t in state_dict.values()), "total_size": total_size},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / f"{stem}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2) + "\n")
