@@ -266,7 +266,8 @@ class DecodeLoop:
         self.draw_noise()
         self.tokens[:, 0] = self.choose(logits, torch.zeros(1, dtype=torch.long, device=logits.device))
 
-    def step(self) -> None:
+    def forward(self) -> torch.Tensor:
+        """Feed tokens[:, k] (k = step_index) at cache slot P + k; returns logits (B, V) for token k + 1."""
         k = self.step_index
         token = self.tokens.index_select(1, k)  # (B, 1)
         cache_index = k + self.prompt_length
@@ -275,8 +276,11 @@ class DecodeLoop:
         hidden = self.model.embed(token)
         cos, sin = self.cos.index_select(0, k)[0], self.sin.index_select(0, k)[0]
         hidden = self.model.hidden_states(hidden, cos, sin, mask, kv_cache=self.cache, cache_index=cache_index)
-        logits = self.model.logits(hidden[:, -1])
-        next_index = k + 1
+        return self.model.logits(hidden[:, -1])
+
+    def step(self) -> None:
+        logits = self.forward()
+        next_index = self.step_index + 1
         self.tokens.index_copy_(1, next_index, self.choose(logits, next_index)[:, None])
         self.step_index.add_(1)
 
@@ -368,6 +372,26 @@ def generate_sequences(
         return tokens
     finally:
         del loop, cache  # free the KV cache and the graph's buffers even when interrupted
+
+
+@torch.no_grad()
+def cached_forced_logits(model: GlmImageAR, ar_inputs, forced_tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing through the real generation path (prefill + cached one-token steps).
+
+    forced_tokens (B, N - 1): generated tokens 0 .. N-2 to feed. Returns logits (B, N, V): row 0
+    from the prefill, row k + 1 from the step that fed token k. For tests and benchmarks.
+    """
+    plan = prepare_prompt(model, ar_inputs)
+    batch, total = plan.input_ids.shape[0], plan.num_new_tokens
+    cache = setup_caches(model, batch, plan.input_ids.shape[1] + total)
+    loop = DecodeLoop(model, plan, cache, generators=None, temperature=1.0, top_k=None, top_p=None,
+                      greedy=True, mask_grid=False)
+    loop.tokens[:, : total - 1] = forced_tokens.to(loop.tokens.device)
+    rows = [prefill(model, plan, cache)]
+    for _ in range(total - 1):
+        rows.append(loop.forward())
+        loop.step_index.add_(1)
+    return torch.stack(rows, dim=1)
 
 
 def split_sequences(tokens: torch.Tensor, target_grid: Grid, preview_grid: Grid | None) -> torch.Tensor:
