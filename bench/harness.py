@@ -1,0 +1,405 @@
+"""What `bench/run.py` and `bench/parity_fullsize.py` share: timing, hardware ceilings, the time
+budget, per-phase error capture, and the JSON / markdown report that is rewritten after every
+measurement (a device command that runs out of time still leaves its numbers behind).
+
+Timing follows the device METHOD.md: device events around the region (or a synchronised host
+clock on the CPU), a warm-up first, the median of several runs, fresh random inputs for each run
+(drawn outside the timed region), never zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+GB = 1e9  # all memory and bandwidth figures are decimal (1e9 bytes), as in baseline-h100.md
+
+
+def log(msg: str, clock: "Deadline | None" = None) -> None:
+    stamp = f"[{clock.elapsed():7.1f}s] " if clock is not None else ""
+    print(f"{stamp}{msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Time budget
+
+
+class BudgetExceeded(Exception):
+    """Raised inside a phase when its share of the command's time is used up."""
+
+
+class Deadline:
+    """Wall-clock budget of the whole command, counted from construction."""
+
+    def __init__(self, budget_s: float):
+        self.t0 = time.monotonic()
+        self.budget_s = float(budget_s)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def check(self, what: str = "") -> None:
+        if self.remaining() <= 0:
+            raise BudgetExceeded(f"time budget of {self.budget_s:.0f}s used up{': ' + what if what else ''}")
+
+
+@contextlib.contextmanager
+def alarm_after(seconds: float):
+    """Raise BudgetExceeded in the main thread after `seconds` (SIGALRM; a no-op elsewhere).
+
+    The handler runs between Python bytecodes, so a phase stuck in one long device
+    synchronisation is interrupted when that call returns, not in the middle of it.
+    """
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable or seconds is None or seconds == math.inf:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise BudgetExceeded(f"phase ran past its {seconds:.0f}s share of the time budget")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, max(float(seconds), 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    """Peak allocated bytes since the last `reset_peak` (None on the CPU, where it is not tracked)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / GB
+
+
+def allocated_gb(device: torch.device) -> float | None:
+    return torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Timing:
+    seconds: list[float]  # one entry per timed run, warm-up excluded
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how far apart repeated runs landed."""
+        return (max(self.seconds) - min(self.seconds)) / self.median if self.median > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"median_s": self.median, "runs_s": self.seconds, "spread": self.spread}
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call of `fn`, from the device's point of view."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(run: Callable[[object], object], *, device: torch.device, setup: Callable[[], object] | None = None,
+            warmup: int = 1, reps: int = 5, max_s: float | None = None,
+            deadline: Deadline | None = None) -> Timing:
+    """Median-of-`reps` timing of `run(inputs)`, `inputs = setup()` drawn fresh before every call.
+
+    `max_s` caps the time spent on the timed runs: after the warm-up, the number of runs is cut
+    to what fits (at least one). A `deadline` is checked before each run.
+    """
+    setup = setup or (lambda: None)
+    last = None
+    for _ in range(warmup):
+        inputs = setup()
+        last = time_once(lambda: run(inputs), device)
+        del inputs
+    if max_s is not None and last is not None and last > 0:
+        reps = max(1, min(reps, int(max_s / last)))
+    seconds = []
+    for _ in range(reps):
+        if deadline is not None:
+            deadline.check("between timed runs")
+        inputs = setup()
+        seconds.append(time_once(lambda: run(inputs), device))
+        del inputs
+    return Timing(seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware ceilings (measured once at the start of a run, METHOD.md "Two numbers first")
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float:
+    """bf16 n×n×n matrix product rate, random data, three operand sets rotated (no cache reuse)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sets = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+            for _ in range(3)]
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    state = {"i": 0}
+
+    def run(_):
+        a, b = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        torch.mm(a, b, out=out)
+
+    timing = measure(run, device=device, warmup=3, reps=reps)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("matmul ceiling produced non-finite values")
+    del sets, out
+    return 2 * n**3 / timing.median / 1e12
+
+
+def copy_gbps(device: torch.device, nbytes: int = 4 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    numel = nbytes // 2
+    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    timing = measure(lambda _: dst.copy_(src), device=device, warmup=3, reps=reps)
+    if not torch.equal(dst[:1024], src[:1024]):
+        raise RuntimeError("copy ceiling: destination differs from source")
+    del src, dst
+    return 2 * numel * 2 / timing.median / GB
+
+
+# --------------------------------------------------------------------------------------------
+# Versions and environment
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "cuda": torch.version.cuda}
+    for name in ("transformers", "diffusers"):
+        try:
+            module = __import__(name)
+            versions[name] = module.__version__
+            versions[name + "_path"] = str(Path(module.__file__).parent)
+        except Exception as exc:  # reported, not fatal: the phase that needs it fails on its own
+            versions[name] = f"unavailable ({type(exc).__name__}: {exc})"
+    return versions
+
+
+EXPECTED_REFERENCE_VERSIONS = {"transformers": "5.23.0", "diffusers": "0.42.1"}
+
+
+def version_warnings(versions: dict) -> list[str]:
+    return [f"reference library {name} is {versions.get(name)}, the spec and the baseline were measured "
+            f"with {want}" for name, want in EXPECTED_REFERENCE_VERSIONS.items() if versions.get(name) != want]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# --------------------------------------------------------------------------------------------
+# Report: one dict, rewritten as JSON + markdown after every change
+
+
+class Report:
+    def __init__(self, out_dir: Path | None, stem: str, meta: dict,
+                 render_markdown: Callable[[dict], str]):
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.stem = stem
+        self.data: dict = dict(meta)
+        self.data.setdefault("phases", {})
+        self.data.setdefault("errors", [])
+        self.data.setdefault("notes", [])
+        self.render_markdown = render_markdown
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # recording ------------------------------------------------------------------------------
+    def set(self, path: str, value) -> None:
+        """`path` is dot-separated: `report.set("ours.ar_ms_per_token", 12.3)`."""
+        node = self.data
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+        self.write()
+
+    def get(self, path: str, default=None):
+        node = self.data
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return default
+            node = node[key]
+        return node
+
+    def note(self, text: str) -> None:
+        if text not in self.data["notes"]:
+            self.data["notes"].append(text)
+        self.write()
+
+    def error(self, phase: str, exc: BaseException, tb: str) -> None:
+        self.data["errors"].append({"phase": phase, "error": f"{type(exc).__name__}: {exc}", "traceback": tb})
+        self.write()
+
+    # output ---------------------------------------------------------------------------------
+    def write(self) -> None:
+        if self.out_dir is None:
+            return
+        _atomic_write(self.out_dir / f"{self.stem}.json", json.dumps(_jsonable(self.data), indent=2) + "\n")
+        try:
+            text = self.render_markdown(self.data)
+        except Exception as exc:  # a rendering bug must not cost the JSON
+            text = f"(markdown rendering failed: {type(exc).__name__}: {exc})\n"
+        _atomic_write(self.out_dir / f"{self.stem}.md", text)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+def base_meta(device: torch.device, argv: list[str], mode: str) -> dict:
+    versions = library_versions()
+    return {
+        "gpu": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python"] + argv),
+        "mode": mode,
+        "reference_versions": versions,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Phases
+
+
+@dataclass
+class PhaseRunner:
+    """Runs named phases one after the other; a failure or a timeout in one is recorded and the
+    next one still runs. Memory is released between phases so each starts from an empty GPU."""
+
+    report: Report
+    deadline: Deadline
+    device: torch.device
+    selected: set[str] | None = None  # None = all
+    results: dict = field(default_factory=dict)
+
+    def wanted(self, name: str) -> bool:
+        return self.selected is None or name in self.selected
+
+    def run(self, name: str, fn: Callable[[], None], *, share: float = 1.0, min_s: float = 0.0) -> bool:
+        """Run `fn` with at most `share` of the remaining budget; skip it if less than `min_s` is left."""
+        if not self.wanted(name):
+            return False
+        remaining = self.deadline.remaining()
+        if remaining < min_s:
+            log(f"phase {name}: skipped, {remaining:.0f}s left of the budget (needs {min_s:.0f}s)", self.deadline)
+            self.report.set(f"phases.{name}", {"status": "skipped (time budget)", "seconds": 0.0})
+            return False
+        cap = max(remaining * share, 1.0)
+        log(f"phase {name}: start (cap {cap:.0f}s, {remaining:.0f}s left)", self.deadline)
+        self.report.set(f"phases.{name}", {"status": "running"})
+        t0 = time.monotonic()
+        status = "ok"
+        try:
+            with alarm_after(cap):
+                fn()
+        except BudgetExceeded as exc:
+            status = f"stopped: {exc}"
+            log(f"phase {name}: {status}", self.deadline)
+            self.report.error(name, exc, "")
+        except Exception as exc:  # noqa: BLE001 — any failure is recorded and the next phase runs
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, flush=True)
+            status = f"failed: {type(exc).__name__}: {exc}"
+            self.report.error(name, exc, tb)
+            del exc, tb
+        finally:
+            free_memory()
+        seconds = time.monotonic() - t0
+        entry = {"status": status, "seconds": round(seconds, 2)}
+        if self.device.type == "cuda":
+            entry["allocated_gb_after"] = round(allocated_gb(self.device), 3)
+        self.report.set(f"phases.{name}", entry)
+        log(f"phase {name}: {status} in {seconds:.1f}s", self.deadline)
+        return status == "ok"
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
