@@ -335,3 +335,37 @@ def test_pipeline_t2i_with_supplied_prior_gives_a_nontrivial_image(tiny_checkpoi
     assert image.std() > 0.05
     saturated = ((image <= 0.0) | (image >= 1.0)).float().mean()
     assert saturated < 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Hygiene
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tiny_module_imports_no_reference_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, glm_core.tiny; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generation_is_deterministic_and_keeps_the_global_rng(tiny_checkpoint, tmp_path):
+    import hashlib
+
+    from tests.fixtures.tiny_checkpoint import make_tiny_checkpoint
+
+    torch.manual_seed(1234)
+    state_before = torch.get_rng_state()
+    again = make_tiny_checkpoint(tmp_path / "again", seed=0, variant="default")
+    assert torch.equal(torch.get_rng_state(), state_before)
+
+    def digest(root: Path) -> dict[str, str]:
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert digest(again) == digest(tiny_checkpoint)
