@@ -14,6 +14,7 @@ The token budget is exact: t2i = preview + large + 1 (EOS), editing = large + 1.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -288,6 +289,7 @@ class DecodeLoop:
 def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], use_cuda_graph: bool) -> None:
     """Run `steps` decode steps; on_tokens(done) every PROGRESS_EVERY tokens (done = tokens so far)."""
     done = 0
+    run = loop.step
     if use_cuda_graph and steps > 0:
         warmup = min(3, steps)
         side = torch.cuda.Stream()
@@ -298,13 +300,15 @@ def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], u
                 loop.step()
         torch.cuda.current_stream().wait_stream(side)
         done = warmup
-        graph = torch.cuda.CUDAGraph()
         if done < steps:
-            with torch.cuda.graph(graph):
-                loop.step()
-        run = graph.replay
-    else:
-        run = loop.step
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):  # records one step; nothing runs during capture
+                    loop.step()
+                run = graph.replay
+            except RuntimeError as exc:  # an op that cannot be captured: stay eager, same results
+                warnings.warn(f"AR decode: CUDA graph capture failed ({exc}); decoding eagerly", RuntimeWarning)
+                torch.cuda.synchronize()
     while done < steps:
         loop.draw_noise()
         run()
@@ -434,11 +438,13 @@ def generate_tokens(
             "generate with mask_grid=True to restrict sampling to codebook ids"
         )
     reference_grids = getattr(ar_inputs, "reference_grids", None) or []
+    pixels_per_token = 2 * model.config.vision.patch_size
     return PriorTokens(
         grid_ids=grid_ids,
         prior_ids=upsample_prior(grid_ids),
         height=int(ar_inputs.height),
         width=int(ar_inputs.width),
-        reference_sizes=[(int(h) * 32, int(w) * 32) for h, w in reference_grids],
+        # a reference is halved before patching, so one AR token covers 2 x patch_size pixels (spec §6.10)
+        reference_sizes=[(int(h) * pixels_per_token, int(w) * pixels_per_token) for h, w in reference_grids],
         seeds=[int(s) for s in seeds],
     )

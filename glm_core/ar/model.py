@@ -76,7 +76,14 @@ class TextAttention(nn.Module):
                 layer_cache.write_prefix(k, v)
             else:
                 k, v = layer_cache.write_at(cache_index, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        group = self.num_heads // self.num_kv_heads
+        if length == 1 and group > 1:
+            # one decode token: the `group` query heads sharing a kv head become `group` query rows
+            # against that head's keys, so no kernel has to expand the cache (q head h uses kv head h // group)
+            q = q.view(b, self.num_kv_heads, group, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, kv, group, d)
+            return self.o_proj(out.reshape(b, 1, -1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 

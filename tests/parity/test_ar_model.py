@@ -195,3 +195,24 @@ def test_wrong_positions_are_detected(models):
     flat = torch.arange(plan.input_ids.shape[1]).expand(3, 1, -1)
     our_logits = teacher_forced_logits(ours, plan.input_ids, flat, plan.attention_mask)
     assert rel_err(our_logits, ref_logits) > 1e-2
+
+
+@pytest.mark.parametrize("case", ["t2i", "edit_1ref"])
+def test_bf16_matches_reference_bf16(tiny_checkpoint, models, case):
+    """bf16 precision handling (fp32 norms cast before the weight, cos/sin cast to bf16, VQ in bf16):
+    ours in bf16 vs the reference in bf16 on the same CPU. Rounding-order mistakes show up at ~1e-2
+    (the reference's own bf16-vs-fp32 distance here), far above this bound."""
+    ours16 = load_ar(tiny_checkpoint, "cpu", torch.bfloat16)
+    ref16 = reference_ar(tiny_checkpoint, torch.bfloat16)
+    inputs = build(models, case)
+    with torch.no_grad():
+        ref_logits = ref16(**inputs.reference_kwargs()).logits.float()
+    plan = prepare_prompt(ours16, inputs)
+    our_logits = teacher_forced_logits(ours16, plan.input_ids, plan.prefill_positions, plan.attention_mask).float()
+    assert our_logits.dtype == torch.float32 and ours16.lm_head.weight.dtype == torch.bfloat16
+    err = rel_err(our_logits, ref_logits)
+    assert err <= 1e-3, f"{case}: bf16 logits rel err {err:.2e} vs the reference in bf16"
+    if inputs.pixel_values is not None:
+        grids = torch.tensor([[1, h, w] for h, w in inputs.reference_grids])
+        expected = reference_image_tokens(ref16, inputs.pixel_values, grids)
+        assert torch.equal(ours16.image_token_ids(inputs.pixel_values, inputs.reference_grids), expected)
