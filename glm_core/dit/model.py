@@ -462,8 +462,9 @@ class GlmImageDiT(nn.Module):
         batched_cfg=False (default) runs two forwards like the reference. True runs both as ONE
         batch-2B forward (glyph padding and, with references, the reference keys masked for the
         unconditional rows); equal to the two passes within fp32 rounding, but measured SLOWER in eager
-        bf16 on an H200 (1024²: 0.288 s vs 0.265 s per step; 2048²: 1.66 s vs 1.39 s): at these token
-        counts the GEMMs are already compute-bound, and the key mask costs attention speed.
+        bf16 on an H200 (1024²: 0.288 s vs 0.265 s per step; 2048²: 1.66 s vs 1.39 s; with each block
+        torch.compile'd, 1024²: 0.215 s vs 0.208 s): at these token counts the GEMMs are already
+        compute-bound, and the key mask costs attention speed.
         """
         if not uses_guidance(guidance):
             return self(latents, glyph_embeds, prior_token_ids, timestep, target_size, crop_coords,
