@@ -98,6 +98,10 @@ class PromptPlan:
     preview_grid: Grid | None
 
     @property
+    def padded(self) -> bool:
+        return not bool(self.attention_mask.all())
+
+    @property
     def num_new_tokens(self) -> int:
         return self.decode_positions.shape[-1]
 
@@ -210,7 +214,8 @@ def teacher_forced_logits(
     attention_mask = attention_mask.to(model.device).bool()
     hidden = model.embed(input_ids)
     cos, sin = model.rotary_cos_sin(positions.to(model.device), hidden.dtype)
-    hidden = model.hidden_states(hidden, cos, sin, prompt_attention_mask(attention_mask))
+    mask = None if bool(attention_mask.all()) else prompt_attention_mask(attention_mask)
+    hidden = model.hidden_states(hidden, cos, sin, mask)
     return model.logits(hidden)
 
 
@@ -222,7 +227,8 @@ def prefill(model: GlmImageAR, plan: PromptPlan, cache: KVCache) -> torch.Tensor
     cos, sin = model.rotary_cos_sin(plan.prefill_positions, hidden.dtype)
     cache.key_allowed.zero_()
     cache.key_allowed[:, :length] = plan.attention_mask
-    hidden = model.hidden_states(hidden, cos, sin, prompt_attention_mask(plan.attention_mask), kv_cache=cache)
+    mask = prompt_attention_mask(plan.attention_mask) if plan.padded else None  # None: causal kernels
+    hidden = model.hidden_states(hidden, cos, sin, mask, kv_cache=cache)
     return model.logits(hidden[:, -1])
 
 

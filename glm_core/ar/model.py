@@ -58,7 +58,7 @@ class TextAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, layer_cache=None, cache_index=None):
-        """x (B, L, hidden); attn_mask (B, 1, L, S) bool, True = may attend.
+        """x (B, L, hidden); attn_mask (B, 1, L, S) bool, True = may attend; None = causal, no padding.
 
         layer_cache None: attend over this call's keys (teacher forcing).
         layer_cache and cache_index None: prefill, write keys at [0, L) and attend over them.
@@ -83,7 +83,13 @@ class TextAttention(nn.Module):
             q = q.view(b, self.num_kv_heads, group, self.head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, kv, group, d)
             return self.o_proj(out.reshape(b, 1, -1))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1)
+        if attn_mask is None:  # unpadded prompt: plain causal attention (flash kernels, native GQA)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+        else:
+            # a padding mask rules out flash kernels, and the masked kernels do not all take GQA; expanding
+            # the kv heads here avoids a fallback that would materialise (B, heads, L, L) scores
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
