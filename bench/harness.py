@@ -161,19 +161,18 @@ def measure(run: Callable[[object], object], *, device: torch.device, setup: Cal
             deadline: Deadline | None = None) -> Timing:
     """Median-of-`reps` timing of `run(inputs)`, `inputs = setup()` drawn fresh before every call.
 
-    `max_s` caps the time spent on the timed runs: after the warm-up, the number of runs is cut
-    to what fits (at least one). A `deadline` is checked before each run.
+    `max_s` time-boxes the timed runs: no further run starts once another one (at the median so far)
+    would end past it; at least one run is always timed. A `deadline` is checked before each run.
     """
     setup = setup or (lambda: None)
-    last = None
     for _ in range(warmup):
         inputs = setup()
-        last = time_once(lambda: run(inputs), device)
+        time_once(lambda: run(inputs), device)
         del inputs
-    if max_s is not None and last is not None and last > 0:
-        reps = max(1, min(reps, int(max_s / last)))
-    seconds = []
-    for _ in range(reps):
+    seconds: list[float] = []
+    while len(seconds) < max(reps, 1):
+        if seconds and max_s is not None and sum(seconds) + statistics.median(seconds) > max_s:
+            break
         if deadline is not None:
             deadline.check("between timed runs")
         inputs = setup()
@@ -285,6 +284,11 @@ class Report:
             node = node[key]
         return node
 
+    def phase(self, name: str, entry: dict) -> None:
+        """Status of a phase; `name` may contain dots ("ar.ours"): it is one key, not a path."""
+        self.data["phases"][name] = entry
+        self.write()
+
     def note(self, text: str) -> None:
         if text not in self.data["notes"]:
             self.data["notes"].append(text)
@@ -362,11 +366,11 @@ class PhaseRunner:
         remaining = self.deadline.remaining()
         if remaining < min_s:
             log(f"phase {name}: skipped, {remaining:.0f}s left of the budget (needs {min_s:.0f}s)", self.deadline)
-            self.report.set(f"phases.{name}", {"status": "skipped (time budget)", "seconds": 0.0})
+            self.report.phase(name, {"status": "skipped (time budget)", "seconds": 0.0})
             return False
         cap = max(remaining * share, 1.0)
         log(f"phase {name}: start (cap {cap:.0f}s, {remaining:.0f}s left)", self.deadline)
-        self.report.set(f"phases.{name}", {"status": "running"})
+        self.report.phase(name, {"status": "running"})
         t0 = time.monotonic()
         status = "ok"
         try:
@@ -388,7 +392,7 @@ class PhaseRunner:
         entry = {"status": status, "seconds": round(seconds, 2)}
         if self.device.type == "cuda":
             entry["allocated_gb_after"] = round(allocated_gb(self.device), 3)
-        self.report.set(f"phases.{name}", entry)
+        self.report.phase(name, entry)
         log(f"phase {name}: {status} in {seconds:.1f}s", self.deadline)
         return status == "ok"
 
