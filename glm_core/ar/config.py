@@ -90,7 +90,7 @@ class ARConfig:
         return self.text.vision_vocab_size
 
     @classmethod
-    def from_dict(cls, config: dict, generation_config: dict | None = None) -> "ARConfig":
+    def from_dict(cls, config: dict, generation_config: dict | None = None) -> ARConfig:
         return cls(
             text=_text_config(config.get("text_config") or {}),
             vision=_vision_config(config.get("vision_config") or {}),
@@ -102,7 +102,7 @@ class ARConfig:
         )
 
     @classmethod
-    def from_folder(cls, component_dir: str | Path) -> "ARConfig":
+    def from_folder(cls, component_dir: str | Path) -> ARConfig:
         """`component_dir` is the checkpoint's `vision_language_encoder/` folder."""
         component_dir = Path(component_dir)
         config = json.loads((component_dir / "config.json").read_text(encoding="utf-8"))

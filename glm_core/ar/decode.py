@@ -247,7 +247,7 @@ class DecodeLoop:
         batch = plan.input_ids.shape[0]
         device = model.device
         config = model.config
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.generators = generators
         self.noise = None if greedy else torch.empty(batch, config.vision_vocab_size, device=device)
         self.masks = (

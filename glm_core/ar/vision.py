@@ -53,7 +53,7 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, grids: Sequence[tuple[int, int]], device) -> torch.Tensor:
         table = self.position_embedding.weight
-        side = int(round(table.shape[0] ** 0.5))
+        side = round(table.shape[0] ** 0.5)
         # (1, hidden, side, side) in fp32: the resampling runs in fp32 and is cast back (spec §1.2.5)
         table_2d = table.view(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()
         rows, cols, heights, widths = [], [], [], []

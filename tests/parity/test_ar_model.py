@@ -65,8 +65,8 @@ class Inputs:
         self.height, self.width = self.target_grid[0] * 32, self.target_grid[1] * 32
 
     def reference_kwargs(self):
-        kwargs = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                      image_grid_thw=self.image_grid_thw, images_per_sample=self.images_per_sample)
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                      "image_grid_thw": self.image_grid_thw, "images_per_sample": self.images_per_sample}
         if self.pixel_values is not None:
             kwargs["pixel_values"] = self.pixel_values
         return kwargs
@@ -90,11 +90,11 @@ def models(tiny_checkpoint):
 
 
 CASES = {
-    "t2i": dict(prompts=["a red fox in the snow"], size=(64, 96), images=()),
-    "t2i_batch_padded": dict(prompts=["a fox", "a much longer prompt about a fox in deep snow"], size=(64, 64),
-                             images=()),
-    "edit_1ref": dict(prompts=["make it blue"], size=(64, 64), images=((512, 512),)),
-    "edit_2ref": dict(prompts=["combine both"], size=(96, 64), images=((512, 512), (512, 768))),
+    "t2i": {"prompts": ["a red fox in the snow"], "size": (64, 96), "images": ()},
+    "t2i_batch_padded": {"prompts": ["a fox", "a much longer prompt about a fox in deep snow"], "size": (64, 64),
+                             "images": ()},
+    "edit_1ref": {"prompts": ["make it blue"], "size": (64, 64), "images": ((512, 512),)},
+    "edit_2ref": {"prompts": ["combine both"], "size": (96, 64), "images": ((512, 512), (512, 768))},
 }
 
 
