@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -134,17 +135,36 @@ def phase_ceilings(b: Bench, clock: Deadline) -> None:
 # AR
 
 
+def build_pair(b: Bench, group: str, make_reference, make_ours) -> dict:
+    """The reference with random weights, then ours on the same tensors. If ours cannot be built the
+    error is recorded and the reference is still measured (its phase runs; ours' phase fails)."""
+    ref = make_reference()
+    held = {"ref": ref, "ours": None}
+    try:
+        held["ours"] = make_ours(ref)
+    except Exception as exc:  # noqa: BLE001 — recorded; the reference's numbers are still wanted
+        b.report.error(f"{group}.build (ours)", exc, traceback.format_exc())
+        log(f"  {group}: glm_core model could not be built: {type(exc).__name__}: {exc}", b.deadline)
+    log(f"  {group} built: {models.parameter_bytes(ref) / 1e9:.2f} GB of bf16 weights"
+        f"{', shared by both' if held['ours'] is not None else ' (reference only)'}", b.deadline)
+    return held
+
+
+def ours_model(h: dict):
+    if h.get("ours") is None:
+        raise RuntimeError("glm_core's model could not be built (see the build error); nothing to time")
+    return h["ours"]
+
+
 def build_ar(b: Bench) -> dict:
-    ref = models.reference_ar(b.configs.ar, b.device, BF16, b.args.seed, b.folder)
-    ours = models.ours_ar(b.configs.ar, ref, b.device)
-    log(f"  AR built: {models.parameter_bytes(ref) / 1e9:.2f} GB of bf16 weights, shared by both", b.deadline)
-    return {"ref": ref, "ours": ours}
+    return build_pair(b, "ar", lambda: models.reference_ar(b.configs.ar, b.device, BF16, b.args.seed, b.folder),
+                      lambda ref: models.ours_ar(b.configs.ar, ref, b.device))
 
 
 def ar_ours(b: Bench, h: dict, clock: Deadline) -> None:
     from glm_core.ar.decode import generate_tokens, prefill, prepare_prompt, setup_caches
 
-    model, s, cfg = h["ours"], b.sizes, b.configs.ar
+    model, s, cfg = ours_model(h), b.sizes, b.configs.ar
     reset_peak(b.device)
 
     def generation(size: int, batch: int):
@@ -252,10 +272,9 @@ def ar_reference(b: Bench, h: dict, clock: Deadline) -> None:
 
 
 def build_dit(b: Bench) -> dict:
-    ref = models.reference_dit(b.configs.dit, b.device, BF16, b.args.seed + 1, b.folder)
-    ours = models.ours_dit(b.configs.dit, ref, b.device)
-    log(f"  DiT built: {models.parameter_bytes(ref) / 1e9:.2f} GB of bf16 weights, shared by both", b.deadline)
-    return {"ref": ref, "ours": ours}
+    return build_pair(b, "dit",
+                      lambda: models.reference_dit(b.configs.dit, b.device, BF16, b.args.seed + 1, b.folder),
+                      lambda ref: models.ours_dit(b.configs.dit, ref, b.device))
 
 
 SIGMA, SIGMA_NEXT = 0.5, 0.48  # any two sigmas: the Euler update's cost does not depend on them
@@ -281,7 +300,7 @@ def _reference_latent(b: Bench):
 def dit_ours(b: Bench, h: dict, clock: Deadline) -> None:
     from glm_core.schedule import euler_step
 
-    dit, s = h["ours"], b.sizes
+    dit, s = ours_model(h), b.sizes
     reset_peak(b.device)
 
     def step(x, reference_kv=None, **options):  # one iteration of glm_core.pipeline.decode's loop
@@ -393,9 +412,9 @@ def dit_reference(b: Bench, h: dict, clock: Deadline) -> None:
 
 
 def build_vae(b: Bench) -> dict:
-    ref = models.reference_vae(b.configs.vae, b.device, BF16, b.args.seed + 2, b.folder)
-    ours = models.ours_vae(b.configs.vae, ref, b.device)
-    return {"ref": ref, "ours": ours}
+    return build_pair(b, "vae",
+                      lambda: models.reference_vae(b.configs.vae, b.device, BF16, b.args.seed + 2, b.folder),
+                      lambda ref: models.ours_vae(b.configs.vae, ref, b.device))
 
 
 def _vae_phase(b: Bench, side: str, decode, encode, clock: Deadline) -> None:
@@ -416,7 +435,7 @@ def _vae_phase(b: Bench, side: str, decode, encode, clock: Deadline) -> None:
 
 
 def vae_ours(b: Bench, h: dict, clock: Deadline) -> None:
-    vae = h["ours"]
+    vae = ours_model(h)
     _vae_phase(b, "ours", lambda z: vae.decode_latents(z), lambda x: vae.encode_latents(x), clock)
 
 

@@ -146,3 +146,24 @@ def test_random_init_is_bf16_valued_nonzero_and_buffers_are_fp32(seed):
     assert inv_freq.dtype == torch.float32 and torch.isfinite(inv_freq).all()
     ours = models.ours_ar(cfg.ar, ref, "cpu")
     assert ours.lm_head.weight.data_ptr() == ref.lm_head.weight.data_ptr()  # shared, not copied
+
+
+def test_bench_keeps_measuring_the_reference_when_ours_fails(tmp_path, monkeypatch):
+    """A glm_core failure is recorded (with its traceback) and the reference is still timed."""
+    from bench import models, run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated glm_core failure")
+
+    monkeypatch.setattr(models, "ours_vae", broken)
+    threads = torch.get_num_threads()
+    try:
+        data = run.main(["--tiny", "--only", "vae", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    phases = {e["phase"] for e in data["errors"]}
+    assert phases == {"vae.build (ours)", "vae.ours"}, data["errors"]
+    assert "simulated glm_core failure" in data["errors"][0]["traceback"]
+    assert data["phases"]["vae.reference"]["status"] == "ok"
+    assert data["reference"]["vae_decode_s_1024"] > 0 and data["ours"]["vae_decode_s_1024"] is None
+    assert json.loads((tmp_path / "bench.json").read_text())["errors"] == data["errors"]
