@@ -148,8 +148,7 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
         grids = [tuple(g) for g in inputs.reference_grids[: len(cond.references)]]
         rows = inputs.pixel_values[: sum(h * w for h, w in grids)]
         ids = ar.image_token_ids(rows, grids).cpu()
-        tokens.reference_grid_ids = list(ids.split([h * w for h, w in grids]))
-        tokens.reference_grid_ids = [t.view(h, w) for t, (h, w) in zip(tokens.reference_grid_ids, grids)]
+        tokens.reference_grid_ids = [part.view(h, w) for part, (h, w) in zip(ids.split([h * w for h, w in grids]), grids)]
     return tokens
 
 
@@ -183,7 +182,7 @@ def check_tokens_match(cond: Conditioning, tokens: PriorTokens) -> None:
         raise ValueError(
             f"reference sizes differ between the tokens {tokens.reference_sizes} and the decode "
             f"{cond.reference_sizes}: use the same reference images for both stages.")
-    if cond.references and len(getattr(tokens, "reference_grid_ids", []) or []) != len(cond.references):
+    if len(tokens.reference_grid_ids) != len(cond.references):
         raise ValueError("the tokens carry no reference-image ids; re-run AR Generate Tokens with the references.")
 
 
@@ -302,7 +301,7 @@ def save_tokens(tokens: PriorTokens, path) -> Path:
     """Write the tokens as safetensors with their size, seeds and reference info in the metadata."""
     path = Path(path)
     tensors = {"grid_ids": tokens.grid_ids.cpu().contiguous()}
-    for i, ids in enumerate(getattr(tokens, "reference_grid_ids", None) or []):
+    for i, ids in enumerate(tokens.reference_grid_ids):
         tensors[f"reference_grid_ids.{i}"] = ids.cpu().contiguous()
     meta = {"format": TOKENS_FORMAT, "height": tokens.height, "width": tokens.width,
             "reference_sizes": [list(s) for s in tokens.reference_sizes], "seeds": list(tokens.seeds)}
@@ -332,11 +331,9 @@ def load_tokens(path) -> PriorTokens:
                          f"{meta['width']}x{meta['height']}")
     references = [tensors[f"reference_grid_ids.{i}"].long() for i in range(len(meta["reference_sizes"]))
                   if f"reference_grid_ids.{i}" in tensors]
-    tokens = PriorTokens(grid_ids=grid_ids, prior_ids=upsample_prior(grid_ids), height=int(meta["height"]),
-                         width=int(meta["width"]), reference_sizes=[tuple(s) for s in meta["reference_sizes"]],
-                         seeds=[int(s) for s in meta.get("seeds", [])])
-    tokens.reference_grid_ids = references
-    return tokens
+    return PriorTokens(grid_ids=grid_ids, prior_ids=upsample_prior(grid_ids), height=int(meta["height"]),
+                       width=int(meta["width"]), reference_sizes=[tuple(s) for s in meta["reference_sizes"]],
+                       seeds=[int(s) for s in meta.get("seeds", [])], reference_grid_ids=references)
 
 
 def preview_tokens(tokens: PriorTokens, cell: int = 8) -> torch.Tensor:

@@ -37,6 +37,7 @@ class PriorTokens:
     width: int
     reference_sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) pixels per reference
     seeds: list[int] = field(default_factory=list)
+    reference_grid_ids: list[torch.Tensor] = field(default_factory=list)  # (gh_i, gw_i) VQ ids per reference
 
 
 # --------------------------------------------------------------------------------------------
