@@ -99,13 +99,6 @@ def free_memory(bytes_needed: int, device) -> None:
     model_management.soft_empty_cache()
 
 
-def empty_cache() -> None:
-    """Give cached GPU blocks back after we offloaded a stage."""
-    model_management = _model_management()
-    if model_management is not None:
-        model_management.soft_empty_cache()
-
-
 # --- progress and interrupt -----------------------------------------------------------------------
 
 def interrupt_check() -> Callable[[], None] | None:

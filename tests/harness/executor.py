@@ -38,6 +38,10 @@ class Executor:
         self._cache: dict[str, tuple[str, tuple]] = {}  # node id -> (signature, outputs)
         self._runs = 0
 
+    def cached_node_ids(self) -> set[str]:
+        """Nodes whose outputs the cache holds (a failed or interrupted node is never among them)."""
+        return set(self._cache)
+
     # -- graph --------------------------------------------------------------------------------------
 
     def _order(self, prompt: dict) -> list[str]:
@@ -110,6 +114,7 @@ class Executor:
             try:
                 outputs, ui = self._run_node(prompt, node_id, result.outputs)
             except InterruptProcessingException as exc:
+                self._cache.pop(node_id, None)
                 result.status, result.error, result.error_node = "interrupted", exc, node_id
                 return result
             except Exception as exc:  # ComfyUI reports the node's error and keeps serving

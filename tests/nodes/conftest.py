@@ -47,17 +47,15 @@ def fake_model_folder(comfy) -> Path:
     return folder
 
 
-@pytest.fixture
-def installed_checkpoint(comfy, tiny_checkpoint) -> Path:
-    """The tiny checkpoint linked as models/glm_image/GLM-Image, the shipped workflows' default name."""
+def install_checkpoint(comfy, checkpoint: Path) -> Path:
+    """Link a checkpoint as models/glm_image/GLM-Image, the shipped workflows' default name."""
     link = models_dir(comfy) / "glm_image" / DEFAULT_MODEL_FOLDER
     link.parent.mkdir(parents=True)
-    link.symlink_to(tiny_checkpoint, target_is_directory=True)
+    link.symlink_to(checkpoint, target_is_directory=True)
     return link
 
 
-@pytest.fixture
-def reference_images(comfy) -> list[str]:
+def write_reference_images(comfy) -> list[str]:
     """Input images the shipped workflows load (LoadImage widgets), of different sizes."""
     import PIL.Image
 
@@ -66,6 +64,16 @@ def reference_images(comfy) -> list[str]:
     for index, (name, size) in enumerate(names.items()):
         PIL.Image.new("RGB", size, (40 + 60 * index, 120, 200 - 40 * index)).save(comfy.directories["input"] / name)
     return list(names)
+
+
+@pytest.fixture
+def installed_checkpoint(comfy, tiny_checkpoint) -> Path:
+    return install_checkpoint(comfy, tiny_checkpoint)
+
+
+@pytest.fixture
+def reference_images(comfy) -> list[str]:
+    return write_reference_images(comfy)
 
 
 @pytest.fixture

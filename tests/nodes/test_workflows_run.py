@@ -1,0 +1,299 @@
+"""The shipped workflows, converted to API format, run through the harness executor on the tiny checkpoint;
+caching, interrupts, progress, memory etiquette and user errors behave as ComfyUI users expect.
+
+One ComfyUI "server" (folders + executor with its output cache) serves the whole module, as in a real session:
+later tests reuse AR results from earlier ones, which keeps the CPU time down. Every test still states what
+it needs (a test that must see a node run changes that node's inputs to something not run before).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+
+from tests.harness import ComfyStubs, Executor, class_mappings, object_info, ui_to_api, validate_prompt
+from tests.nodes.conftest import install_checkpoint, write_reference_images
+from tests.nodes.pack_facts import WORKFLOWS_DIR, needs_core
+
+pytestmark = needs_core
+
+SIZE = 512  # the smallest allowed size keeps the CPU runs short; the graphs are otherwise as shipped
+STEPS = 2
+# bf16 matmuls are ~3x slower than fp32 on CPUs; the shipped bf16 default is for GPUs.
+TEST_DTYPE = "fp32"
+# Node ids of the shipped graphs (tests/harness/workflow_builder.py).
+LOADER, ENCODE, AR, PREVIEW_TOKENS, DIT, SAVE = "2", "3", "4", "5", "7", "8"
+
+
+@dataclass
+class Server:
+    comfy: ComfyStubs
+    executor: Executor
+    pack: object
+
+    def info(self) -> dict:
+        return object_info(self.pack)  # rebuilt like /object_info: combo lists follow the folders
+
+    def run(self, prompt: dict):
+        return self.executor.run(prompt)
+
+
+@pytest.fixture(scope="module")
+def server(comfy_stubs, pack, tiny_checkpoint, tmp_path_factory):
+    comfy_stubs.configure(tmp_path_factory.mktemp("comfyui-run"))
+    install_checkpoint(comfy_stubs, tiny_checkpoint)
+    write_reference_images(comfy_stubs)
+    return Server(comfy_stubs, Executor(class_mappings(pack)), pack)
+
+
+@pytest.fixture
+def comfy(server):
+    """The module's ComfyUI stubs with fresh call/progress records for this test (same folders)."""
+    server.comfy.reset_records()
+    yield server.comfy
+    server.comfy.reset_records()
+
+
+def shipped_prompt(server, name, *, size=SIZE, steps=STEPS):
+    info = server.info()
+    prompt = ui_to_api(json.loads((WORKFLOWS_DIR / name).read_text()), info)
+    for node in prompt.values():
+        if node["class_type"] == "GLMImageLoader":
+            node["inputs"]["dtype"] = TEST_DTYPE
+        if node["class_type"] == "GLMImageEncode":
+            node["inputs"].update(width=size, height=size)
+        if node["class_type"] == "GLMImageDiTDecode":
+            node["inputs"]["steps"] = steps
+    assert validate_prompt(prompt, info) == []
+    return prompt
+
+
+def ids_of(prompt, class_type):
+    return sorted(node_id for node_id, node in prompt.items() if node["class_type"] == class_type)
+
+
+def check_images(images, count, size=SIZE):
+    assert images.dtype == torch.float32 and images.device.type == "cpu"
+    assert tuple(images.shape) == (count, size, size, 3)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def saved_files(comfy, result, prompt):
+    return [comfy.directories["output"] / entry["subfolder"] / entry["filename"]
+            for node_id in ids_of(prompt, "SaveImage") for entry in result.ui[node_id]["images"]]
+
+
+def press_cancel_when(comfy, condition):
+    """A progress hook that presses ComfyUI's cancel button once `condition(value, total)` holds."""
+    pressed = []
+
+    def hook(value, total, preview):
+        if not pressed and condition(value, total):
+            pressed.append(value)
+            comfy.modules["comfy.model_management"].interrupt_current_processing()
+
+    comfy.progress_hook = hook
+    return pressed
+
+
+# --- the shipped workflows ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["text_to_image.json", "image_edit.json", "multi_subject.json",
+                                  "token_reuse.json"])
+def test_shipped_workflow_executes(server, comfy, name):
+    prompt = shipped_prompt(server, name)
+    result = server.run(prompt)
+    assert result.status == "success", result.error
+    decodes = ids_of(prompt, "GLMImageDiTDecode")
+    for node_id in decodes:
+        check_images(result.outputs[node_id][0], count=1)
+    files = saved_files(comfy, result, prompt)
+    assert len(files) == len(decodes)
+    assert all(PIL.Image.open(path).size == (SIZE, SIZE) for path in files)
+    # Token preview: one block of cells per token of the 16x16 grid of a 512x512 image.
+    preview = result.outputs[PREVIEW_TOKENS][0]
+    assert preview.shape[0] == 1 and preview.shape[-1] == 3 and preview.shape[1] % (SIZE // 32) == 0
+    assert comfy.violations == []
+
+
+def test_token_reuse_runs_the_ar_stage_once_for_three_decodes(server, comfy):
+    prompt = shipped_prompt(server, "token_reuse.json")
+    decodes = ids_of(prompt, "GLMImageDiTDecode")
+    for node_id in decodes:
+        prompt[node_id]["inputs"]["seed"] += 1000  # new decodes; the AR may be cached from the shipped run
+    result = server.run(prompt)
+    assert result.status == "success", result.error
+    assert len(decodes) == 3 and set(decodes) <= set(result.executed)
+    assert result.executed.count(AR) + result.cached.count(AR) == 1
+    assert len(comfy.called("ProgressBar")) == result.executed.count(AR) + 3  # one bar per stage run
+
+
+def test_only_dit_changes_do_not_rerun_the_ar_stage(server):
+    prompt = shipped_prompt(server, "text_to_image.json")
+    first = server.run(prompt)
+    assert first.status == "success"
+
+    prompt[DIT]["inputs"].update(steps=1, guidance=2.5, seed=123)
+    second = server.run(prompt)
+    assert second.status == "success"
+    assert AR in second.cached and AR not in second.executed and DIT in second.executed
+    assert not torch.equal(first.outputs[DIT][0], second.outputs[DIT][0])
+
+    unchanged = server.run(prompt)
+    assert unchanged.executed == [] and {AR, DIT} <= set(unchanged.cached)
+
+    prompt[ENCODE]["inputs"]["prompt"] = ""  # upstream of both stages: Encode runs again (and refuses it)
+    third = server.run(prompt)
+    assert third.executed == [] and third.error_node == ENCODE and LOADER in third.cached
+    assert "prompt is empty" in str(third.error)
+
+
+# --- interrupt, progress, memory ---------------------------------------------------------------------------
+
+def test_interrupt_during_ar_stops_within_a_few_tokens(server, comfy):
+    prompt = shipped_prompt(server, "text_to_image.json")
+    prompt[AR]["inputs"]["seed"] = 31337  # not cached
+    pressed = press_cancel_when(comfy, lambda value, total: value >= 20)
+    result = server.run(prompt)
+    assert result.status == "interrupted" and result.error_node == AR
+    ar_total = comfy.progress_updates[0][1]
+    last = max(value for value, total, _ in comfy.progress_updates if total == ar_total)
+    assert pressed and last - pressed[0] <= 8 and last < ar_total, (pressed, last, ar_total)
+    assert AR not in server.executor.cached_node_ids()  # an interrupted node is not cached
+    assert comfy.interrupted is False  # the flag is consumed by the raise, as in ComfyUI
+
+
+def test_interrupt_during_dit_stops_within_one_step(server, comfy):
+    prompt = shipped_prompt(server, "text_to_image.json", steps=4)
+    pressed = press_cancel_when(comfy, lambda value, total: total == 4 and value == 1)
+    result = server.run(prompt)
+    assert result.status == "interrupted" and result.error_node == DIT
+    assert pressed == [1]
+    assert [value for value, total, _ in comfy.progress_updates if total == 4] == [1]  # step 2 never finished
+    assert DIT not in server.executor.cached_node_ids()
+
+
+def test_progress_previews_batch_and_memory_etiquette(server, comfy, tiny_checkpoint):
+    second_copy = Path(comfy.modules["folder_paths"].models_dir) / "glm_image" / "GLM-Image-copy"
+    second_copy.symlink_to(tiny_checkpoint, target_is_directory=True)
+    prompt = shipped_prompt(server, "text_to_image.json", steps=3)
+    prompt[LOADER]["inputs"]["model_folder"] = second_copy.name  # a model with no stage loaded yet
+    prompt[AR]["inputs"].update(seed=77, batch_size=2)
+    result = server.run(prompt)
+    assert result.status == "success", result.error
+    check_images(result.outputs[DIT][0], count=2)
+    assert len(saved_files(comfy, result, prompt)) == 2
+
+    # Progress: tokens up to the end on the AR bar, then one update per DiT step with a JPEG preview.
+    ar_total = comfy.progress_updates[0][1]
+    ar_values = [value for value, total, _ in comfy.progress_updates if total == ar_total]
+    assert ar_total >= (SIZE // 32) ** 2 and ar_values[-1] == ar_total
+    assert all(later >= earlier for earlier, later in zip(ar_values, ar_values[1:])) and len(ar_values) > 10
+    dit = [(value, preview) for value, total, preview in comfy.progress_updates if total == 3]
+    assert [value for value, _ in dit] == [1, 2, 3]
+    for _, (kind, picture, max_size) in dit:
+        assert kind == "JPEG" and isinstance(picture, PIL.Image.Image) and max_size == 512
+    # The loops call ComfyUI's interrupt check themselves, not only through the progress hook.
+    assert len(comfy.called("throw_exception_if_processing_interrupted")) >= 3 + ar_total // 16
+
+    # Memory: ComfyUI is asked for room before each stage loads; the AR request covers the AR weights.
+    requests = [args[0] for args in comfy.called("free_memory")]
+    ar_bytes = sum(p.stat().st_size for p in (tiny_checkpoint / "vision_language_encoder").glob("*.safetensors"))
+    assert len(requests) == 2 and requests[0] >= ar_bytes, requests
+    names = [name for _, name, _ in comfy.calls]
+    assert names.index("free_memory") < names.index("ProgressBar")  # room first, then the AR runs
+    assert "soft_empty_cache" in names
+    assert comfy.violations == []
+
+
+# --- tokens on disk ----------------------------------------------------------------------------------------
+
+def with_save_tokens(prompt, prefix):
+    prompt = copy.deepcopy(prompt)
+    prompt["90"] = {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": [AR, 0], "filename_prefix": prefix}}
+    return prompt
+
+
+def with_loaded_tokens(prompt, tokens_file):
+    """The same graph with AR Generate Tokens replaced by Load Tokens."""
+    prompt = copy.deepcopy(prompt)
+    prompt[AR] = {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": tokens_file}}
+    return prompt
+
+
+def test_saved_tokens_decode_like_the_originals(server):
+    prompt = shipped_prompt(server, "text_to_image.json")
+    first = server.run(with_save_tokens(prompt, "tok/roundtrip"))
+    assert first.status == "success", first.error
+    (listed,) = first.ui["90"]["text"]
+    assert listed == "tok/roundtrip_00001_.glm_tokens.safetensors [output]"
+    assert listed in server.info()["GLMImageLoadTokens"]["input"]["required"]["tokens_file"][0]
+
+    reloaded = with_loaded_tokens(prompt, listed)
+    assert validate_prompt(reloaded, server.info()) == []
+    second = server.run(reloaded)
+    assert second.status == "success", second.error
+    assert DIT in second.executed and torch.equal(first.outputs[DIT][0], second.outputs[DIT][0])
+
+
+def test_tokens_from_another_resolution_give_a_clear_error(server):
+    prompt = shipped_prompt(server, "text_to_image.json")
+    assert server.run(with_save_tokens(prompt, "tok/at512")).status == "success"
+    bigger = with_loaded_tokens(prompt, "tok/at512_00001_.glm_tokens.safetensors [output]")
+    bigger[ENCODE]["inputs"].update(width=SIZE + 64, height=SIZE + 64)
+    result = server.run(bigger)
+    assert result.status == "error" and result.error_node == DIT and isinstance(result.error, ValueError)
+    assert "512x512" in str(result.error) and "576x576" in str(result.error)
+
+    # The "server" keeps working after a node error.
+    assert server.run(prompt).status == "success"
+
+
+def test_load_tokens_rejects_foreign_missing_and_outside_files(server, comfy):
+    prompt = shipped_prompt(server, "text_to_image.json")
+    (comfy.directories["input"] / "junk.glm_tokens.safetensors").write_bytes(b"not a safetensors file")
+    for name, expected in (("junk.glm_tokens.safetensors", "not a GLM-Image tokens file"),
+                           ("gone.glm_tokens.safetensors", "not found"),
+                           ("../../outside.glm_tokens.safetensors", "outside")):
+        result = server.run(with_loaded_tokens(prompt, name))
+        assert result.status == "error" and result.error_node == AR, name
+        assert expected in str(result.error), str(result.error)
+
+
+# --- user errors -------------------------------------------------------------------------------------------
+
+def test_reference_count_changed_between_encode_and_decode(server):
+    prompt = shipped_prompt(server, "image_edit.json")  # its AR result is cached from the shipped run
+    prompt["99"] = copy.deepcopy(prompt[ENCODE])
+    del prompt["99"]["inputs"]["image_1"]
+    prompt[DIT]["inputs"]["cond"] = ["99", 0]  # tokens made with one reference, decoded with none
+    result = server.run(prompt)
+    assert result.status == "error" and result.error_node == DIT
+    assert "1 reference" in str(result.error) and "0" in str(result.error)
+
+
+@pytest.mark.parametrize("width", [1000, 500, 2080])
+def test_bad_sizes_through_the_encode_node(server, width):
+    prompt = shipped_prompt(server, "text_to_image.json")
+    prompt[ENCODE]["inputs"]["width"] = width
+    if width % 32 == 0:  # out of range: the server's validation rejects it before anything runs
+        assert {e["type"] for e in validate_prompt(prompt, server.info())} & {"value_smaller_than_min",
+                                                                               "value_bigger_than_max"}
+    result = server.run(prompt)  # and the node refuses it too (API clients may skip validation)
+    assert result.status == "error" and result.error_node == ENCODE
+    assert isinstance(result.error, ValueError) and "32" in str(result.error)
+
+
+def test_missing_model_folder(server):
+    prompt = shipped_prompt(server, "text_to_image.json")
+    prompt[LOADER]["inputs"]["model_folder"] = "GLM-Image-typo"
+    assert [e["type"] for e in validate_prompt(prompt, server.info())] == ["value_not_in_list"]
+    result = server.run(prompt)
+    assert result.status == "error" and result.error_node == LOADER
+    message = str(result.error)
+    assert "GLM-Image-typo" in message and "models/glm_image" in message and "extra_model_paths.yaml" in message
