@@ -1,0 +1,65 @@
+"""`python -m glm_core` in a subprocess on the tiny checkpoint: a PNG of the asked size, --tokens-only, bad input.
+
+Three subprocess runs (two run the AR, ~10-20 s each on 2 CPU cores; the bad-width one stops at once).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from glm_core import pipeline
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "glm_core", *map(str, args)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_cli_writes_png_of_requested_size(tiny_checkpoint, tmp_path):
+    out = tmp_path / "images" / "cat.png"
+    result = run_cli("--model", tiny_checkpoint, "--prompt", 'a cat holding a sign "HI"', "--width", 640,
+                     "--height", 512, "--steps", 2, "--seed", 3, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    assert "DiT steps: 2/2" in result.stderr and "AR tokens:" in result.stderr  # progress for both stages
+    with PIL.Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == (640, 512)  # (width, height)
+        assert image.mode == "RGB"
+        assert np.asarray(image).std() > 0, "a flat image"
+
+
+def test_cli_tokens_only_prints_grid(tiny_checkpoint, tmp_path):
+    saved = tmp_path / "tokens.safetensors"
+    result = run_cli("--model", tiny_checkpoint, "--prompt", "a cat", "--width", 512, "--height", 512,
+                     "--tokens-only", "--save-tokens", saved, "--out", tmp_path / "never.png")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("token grid (16, 16) for 512x512"), lines[0]
+    rows = [[int(v) for v in line.split()] for line in lines[1:]]
+    assert len(rows) == 16 and all(len(row) == 16 for row in rows)
+    assert all(0 <= v < 16384 for row in rows for v in row)
+    assert not (tmp_path / "never.png").exists(), "--tokens-only must stop before the DiT"
+    # the printed grid is the one written to --save-tokens
+    tokens = pipeline.load_tokens(saved)
+    assert torch.equal(tokens.grid_ids[0], torch.tensor(rows))
+    assert (tokens.height, tokens.width) == (512, 512)
+
+
+def test_cli_bad_width_exits_2(tiny_checkpoint, tmp_path):
+    out = tmp_path / "x.png"
+    result = run_cli("--model", tiny_checkpoint, "--prompt", "a cat", "--width", 500, "--height", 512, "--out", out)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "width 500" in result.stderr and "multiple of 32" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not out.exists()
