@@ -597,7 +597,10 @@ def parse_args(argv):
 
 
 def main(argv=None) -> dict:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # for child processes; this one is line-buffered below
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     deadline = Deadline(args.budget_s)

@@ -167,3 +167,45 @@ def test_bench_keeps_measuring_the_reference_when_ours_fails(tmp_path, monkeypat
     assert data["phases"]["vae.reference"]["status"] == "ok"
     assert data["reference"]["vae_decode_s_1024"] > 0 and data["ours"]["vae_decode_s_1024"] is None
     assert json.loads((tmp_path / "bench.json").read_text())["errors"] == data["errors"]
+
+
+def test_real_configuration_builds_both_sides_with_identical_keys_and_shapes():
+    """The full-size run's configs load into the reference and into glm_core (on the meta device, no
+    memory) with the same parameter names and shapes, and the real-size prompts have the spec's lengths."""
+    from diffusers import AutoencoderKL, GlmImageTransformer2DModel
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    from bench import models, workloads
+    from glm_core.ar.config import ARConfig
+    from glm_core.ar.model import GlmImageAR
+    from glm_core.dit.config import DiTConfig
+    from glm_core.dit.model import GlmImageDiT
+    from glm_core.vae import GlmImageVAE, VAEConfig
+
+    cfg = models.real_configs()
+    with torch.device("meta"):
+        pairs = [
+            (GlmImageForConditionalGeneration(GlmImageConfig.from_dict(dict(cfg.ar))),
+             GlmImageAR(ARConfig.from_dict(cfg.ar))),
+            (GlmImageTransformer2DModel.from_config(cfg.dit), GlmImageDiT(DiTConfig.from_dict(cfg.dit))),
+            (AutoencoderKL.from_config(cfg.vae), GlmImageVAE(VAEConfig.from_dict(cfg.vae))),
+        ]
+    expected_params = [10_114_245_632, 6_926_882_880, 406_100_643]  # spec §3 / §1.6
+    for (ref, ours), count in zip(pairs, expected_params):
+        ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+        assert ref_shapes == ours_shapes, type(ours).__name__
+        assert sum(p.numel() for p in ref.parameters()) == count
+
+    ar_ref = pairs[0][0]
+    prompt = workloads.ar_prompt(cfg.ar, 1024, 1024)
+    edit = workloads.ar_prompt(cfg.ar, 1024, 1024, reference=(1024, 1024))
+    assert prompt.input_ids.shape == (1, 101) and prompt.num_new_tokens == 1281
+    assert edit.input_ids.shape == (1, 1 + 1024 + 1 + 92 + 4 + 1) and edit.num_new_tokens == 1025
+    assert edit.pixel_values.shape == (1024, 768) and edit.image_grid_thw.tolist() == [[1, 32, 32], [1, 32, 32]]
+    assert workloads.ar_prompt(cfg.ar, 512, 512).num_new_tokens == 513
+    assert workloads.ar_prompt(cfg.ar, 256, 256, batch=4).input_ids.shape == (4, 101)
+    from bench.parity_fullsize import ours_positions, reference_positions
+
+    for p, n in ((prompt, 1280), (edit, 0)):
+        assert torch.equal(ours_positions(cfg.ar, p, n), reference_positions(ar_ref, p, "cpu", n))
