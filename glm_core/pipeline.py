@@ -86,6 +86,11 @@ class GlmImage:
     def stage_modules(self) -> dict[str, torch.nn.Module]:
         return dict(self._modules)
 
+    @property
+    def codebook_size(self) -> int:
+        """Size of the semantic VQ codebook: the range of valid prior-token ids."""
+        return int(self.checkpoint.read_config("transformer")["prior_vq_quantizer_codebook_size"])
+
 
 def _module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
@@ -186,6 +191,17 @@ def check_tokens_match(cond: Conditioning, tokens: PriorTokens) -> None:
         raise ValueError("the tokens carry no reference-image ids; re-run AR Generate Tokens with the references.")
 
 
+def check_token_ids(tokens: PriorTokens, codebook_size: int) -> None:
+    """Every id must index the DiT's prior embedding (the reference crashes with an IndexError instead)."""
+    grids = {"the token grid": tokens.grid_ids, "the prior ids": tokens.prior_ids}
+    grids.update({f"reference {i + 1}'s ids": ids for i, ids in enumerate(tokens.reference_grid_ids)})
+    for what, ids in grids.items():
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= codebook_size):
+            raise ValueError(f"{what} hold ids outside the codebook [0, {codebook_size}) "
+                             f"(found {int(ids.min())}..{int(ids.max())}): the tokens are damaged or from "
+                             "another model; re-run AR Generate Tokens.")
+
+
 def initial_noise(batch: int, channels: int, height: int, width: int, seed: int,
                   device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(B, C, H/8, W/8) Gaussian noise drawn in the model dtype, like the reference (spec §6.17)."""
@@ -210,9 +226,8 @@ def decode(model: GlmImage, cond: Conditioning, tokens: PriorTokens, *, steps: i
     if not guidance >= 1.0:
         raise ValueError(f"guidance must be >= 1.0 (1.0 disables classifier-free guidance), got {guidance}")
     check_tokens_match(cond, tokens)
+    check_token_ids(tokens, model.codebook_size)
     prior_ids = tokens.prior_ids
-    if not torch.isfinite(prior_ids.float()).all() or prior_ids.min() < 0:
-        raise ValueError("the prior tokens contain invalid ids")
     device, dtype = model.device, model.dtype
     batch = prior_ids.shape[0]
 
@@ -325,6 +340,10 @@ def load_tokens(path) -> PriorTokens:
         raise ValueError(f"{path} is not a GLM-Image tokens file ({error})") from error
     if not isinstance(meta, dict) or meta.get("format") != TOKENS_FORMAT or "grid_ids" not in tensors:
         raise ValueError(f"{path} is not a GLM-Image tokens file (format {TOKENS_FORMAT!r} expected)")
+    if not all(isinstance(meta.get(key), int) for key in ("height", "width")) or not isinstance(
+            meta.get("reference_sizes", []), list):
+        raise ValueError(f"{path}: damaged tokens file (its metadata lacks the image size): {meta}")
+    meta.setdefault("reference_sizes", [])
     grid_ids = tensors["grid_ids"].long()
     if grid_ids.ndim != 3 or tuple(grid_ids.shape[-2:]) != (meta["height"] // 32, meta["width"] // 32):
         raise ValueError(f"{path}: token grid {tuple(grid_ids.shape)} does not match "

@@ -369,16 +369,19 @@ def generate_sequences(
         )
         loop.first(prefill(model, plan, cache))
 
+        reported = [0]
+
         def on_tokens(done: int) -> None:
             if interrupt:
                 interrupt()
             if progress:
                 progress(done, total)
+            reported[0] = done
 
         on_tokens(1)
         _run_steps(loop, total - 1, on_tokens, use_cuda_graph)
         tokens = loop.tokens.cpu()  # the one host sync
-        if progress:
+        if progress and reported[0] != total:
             progress(total, total)
         return tokens
     finally:
