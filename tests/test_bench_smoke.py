@@ -58,8 +58,9 @@ def test_bench_tiny_writes_every_required_key(tmp_path):
 
 def test_bench_phase_selection_and_checkpoint_folder(tmp_path, tiny_checkpoint):
     data = _run("bench.run", tmp_path, "--model", str(tiny_checkpoint), "--only", "dit,vae")
-    assert set(data["phases"]) == {"dit.build", "dit.ours", "dit.reference", "vae.build", "vae.ours",
+    assert set(data["phases"]) == {"ceilings", "dit.build", "dit.ours", "dit.reference", "vae.build", "vae.ours",
                                    "vae.reference"}
+    assert data["floors"]["dit_s_per_step_2048"] > 0
     assert data["ours"]["dit_s_per_step_edit_1024"] > 0 and data["reference"]["vae_decode_s_2048"] > 0
     assert data["ours"]["ar_ms_per_token"] is None  # not selected: present, but empty
 
