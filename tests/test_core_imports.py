@@ -1,0 +1,27 @@
+"""glm_core's runtime must not depend on the reference GLM-Image classes, diffusers or ComfyUI."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHECK = r"""
+import sys
+from glm_core.pipeline import GlmImage, decode, encode_prompt, generate_tokens
+model = GlmImage.from_folder(sys.argv[1], device="cpu")
+cond = encode_prompt(model, 'a sign that says "hi"', 512, 512)
+tokens = generate_tokens(model, cond, seed=0)
+images = decode(model, cond, tokens, steps=1)
+assert images.shape == (1, 512, 512, 3), images.shape
+bad = sorted(m for m in sys.modules
+             if m.split(".")[0] in ("diffusers", "comfy", "folder_paths") or m.startswith("transformers.models.glm_image"))
+print("FORBIDDEN:" + ",".join(bad))
+"""
+
+
+def test_pipeline_runs_without_reference_glm_classes_diffusers_or_comfyui(tiny_checkpoint):
+    result = subprocess.run([sys.executable, "-c", CHECK, str(tiny_checkpoint)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    forbidden = result.stdout.strip().splitlines()[-1]
+    assert forbidden == "FORBIDDEN:", f"glm_core pulled in reference/host modules: {forbidden}"
