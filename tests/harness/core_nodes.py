@@ -119,6 +119,13 @@ def node_info(name: str, node_class, display_name: str | None, python_module: st
 
 def object_info(pack) -> dict:
     """`/object_info` for the pack's nodes plus the core nodes above (a JSON-able dict)."""
+    from .loader import as_in_comfyui
+
+    with as_in_comfyui():
+        return _object_info(pack)
+
+
+def _object_info(pack) -> dict:
     out = {name: node_info(name, cls, CORE_DISPLAY_NAMES.get(name), "nodes")
            for name, cls in CORE_NODE_CLASS_MAPPINGS.items()}
     for name, cls in pack.node_class_mappings.items():

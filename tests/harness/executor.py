@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from .loader import as_in_comfyui
 from .stubs import InterruptProcessingException
 
 
@@ -100,6 +101,10 @@ class Executor:
     # -- run ----------------------------------------------------------------------------------------
 
     def run(self, prompt: dict) -> RunResult:
+        with as_in_comfyui():  # the pack's code runs where only its relative imports work
+            return self._run(prompt)
+
+    def _run(self, prompt: dict) -> RunResult:
         self._runs += 1
         order = self._order(prompt)
         signatures: dict = {}

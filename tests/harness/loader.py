@@ -5,6 +5,8 @@ Mirrors the documented behaviour of ComfyUI's `nodes.load_custom_node` (V1 branc
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import importlib.util
 import secrets
 import shutil
@@ -15,6 +17,37 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What ComfyUI-Manager / the registry zip puts in the pack folder that the pack's code can reach.
 PACK_CONTENT = ("__init__.py", "nodes", "glm_core", "workflows", "pyproject.toml", "requirements.txt")
+
+
+# Top-level packages of this repository that exist on sys.path in tests but not inside ComfyUI, where the pack
+# lives under an arbitrary folder name: an absolute `import glm_core` there fails with ModuleNotFoundError.
+REPO_TOP_LEVEL_PACKAGES = ("glm_core", "nodes")
+
+
+class _BlockRepoPackages(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in REPO_TOP_LEVEL_PACKAGES:
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} (inside ComfyUI the pack is not on sys.path: the pack must import "
+                f"its own code with relative imports, e.g. `from ..glm_core import pipeline`)", name=fullname)
+        return None
+
+
+@contextlib.contextmanager
+def as_in_comfyui():
+    """While active, `import glm_core` / `import nodes` fail as they do inside ComfyUI (the repository's copies
+    are hidden from sys.modules and blocked on sys.path); the pack's own relative imports are unaffected."""
+    hidden = {name: module for name, module in sys.modules.items()
+              if name.split(".")[0] in REPO_TOP_LEVEL_PACKAGES}
+    for name in hidden:
+        del sys.modules[name]
+    blocker = _BlockRepoPackages()
+    sys.meta_path.insert(0, blocker)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(blocker)
+        sys.modules.update(hidden)
 
 
 class PackLoadError(AssertionError):
@@ -58,7 +91,8 @@ def load_pack(folder: Path) -> LoadedPack:
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
+        with as_in_comfyui():
+            spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
         raise PackLoadError(f"IMPORT FAILED: {folder}: {type(exc).__name__}: {exc}") from exc

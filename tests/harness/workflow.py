@@ -182,7 +182,7 @@ def _validate_ui_node(node, links, object_info, check_combos) -> list[str]:
     if node.get("properties", {}).get("Node name for S&R") != node["type"]:
         errors.append("properties['Node name for S&R'] does not match the type")
     specs = {spec.name: spec for spec in input_specs(info)}
-    for slot, input_ in enumerate(node.get("inputs", [])):
+    for input_ in node.get("inputs", []):
         spec = specs.get(input_["name"])
         if spec is None:
             errors.append(f"input {input_['name']!r} is not in the definition")

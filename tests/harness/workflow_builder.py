@@ -26,7 +26,7 @@ NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 DEFAULT_MODEL_FOLDER = "GLM-Image"
 
 SIZES = {  # default node sizes, close to what the frontend computes for these widgets
-    "GLMImageLoader": (330, 82), "GLMImageEncode": (400, 300), "GLMImageGenerateTokens": (330, 178),
+    "GLMImageLoader": (330, 82), "GLMImageEncode": (400, 300), "GLMImageGenerateTokens": (330, 226),
     "GLMImageDiTDecode": (330, 154), "GLMImageSaveTokens": (330, 58), "GLMImagePreviewTokens": (250, 26),
     "LoadImage": (300, 330), "SaveImage": (420, 470), "PreviewImage": (300, 300),
 }
@@ -136,8 +136,8 @@ def _core_graph(prompt: str, references: list[str], ar_seed_mode: str, save_pref
         Node(3, "GLMImageEncode", (420, 120), [prompt, 1024, 1024], inputs={"model": (2, 0)}),
         Node(4, "GLMImageGenerateTokens", (870, 120), [42, ar_seed_mode, 0.9, 0.75, 50, 1],
              inputs={"model": (2, 0), "cond": (3, 0)}),
-        Node(5, "GLMImagePreviewTokens", (870, 360), inputs={"tokens": (4, 0)}),
-        Node(6, "PreviewImage", (870, 430), inputs={"images": (5, 0)}, title="Token layout", size=(330, 300)),
+        Node(5, "GLMImagePreviewTokens", (870, 400), inputs={"tokens": (4, 0)}),
+        Node(6, "PreviewImage", (870, 470), inputs={"images": (5, 0)}, title="Token layout", size=(330, 300)),
         Node(7, "GLMImageDiTDecode", (1250, 120), [50, 1.5, 0, "fixed"],
              inputs={"model": (2, 0), "cond": (3, 0), "tokens": (4, 0)}),
         Node(8, "SaveImage", (1630, 120), [save_prefix], inputs={"images": (7, 0)}),
@@ -154,7 +154,7 @@ def _stage_groups(reference_count: int):
     left_height = 250 + 360 * reference_count if reference_count else 160
     return [("1 · Model and references" if reference_count else "1 · Model", (20, 40, 360, left_height)),
             ("2 · Prompt and size", (400, 40, 440, 400)),
-            ("3 · AR prior (tokens)", (850, 40, 370, 710)),
+            ("3 · AR prior (tokens)", (850, 40, 370, 750)),
             ("4 · DiT decode", (1230, 40, 840, 570))]
 
 
@@ -187,9 +187,9 @@ def shipped_workflows(info: dict) -> dict[str, dict]:
     reuse = _core_graph(
         "An isometric illustration of a tiny floating island with a lighthouse, waterfalls pouring into the "
         "clouds, a banner that says \"HELLO\", soft pastel colors", [], "fixed", "GLM-Image/reuse_a")
-    reuse[6].title = "DiT Decode · A (50 steps, guidance 1.5)"
+    next(node for node in reuse if node.id == 7).title = "DiT Decode · A (50 steps, guidance 1.5)"
     reuse += [
-        Node(9, "GLMImageSaveTokens", (870, 760), ["glm_image_tokens/GLM-Image"], inputs={"tokens": (4, 0)}),
+        Node(9, "GLMImageSaveTokens", (870, 820), ["glm_image_tokens/GLM-Image"], inputs={"tokens": (4, 0)}),
         Node(12, "GLMImageDiTDecode", (1250, 650), [50, 3.0, 0, "fixed"],
              inputs={"model": (2, 0), "cond": (3, 0), "tokens": (4, 0)},
              title="DiT Decode · B (guidance 3.0)"),
@@ -206,7 +206,7 @@ def shipped_workflows(info: dict) -> dict[str, dict]:
             "replace AR Generate Tokens with **Load Tokens** and pick the file marked `[output]`; use the same "
             "size and references in Encode Prompt.", MODEL_NOTE]), size=(330, 560)),
     ]
-    reuse_groups = _stage_groups(0)[:2] + [("3 · AR prior (tokens), saved", (850, 40, 370, 810)),
+    reuse_groups = _stage_groups(0)[:2] + [("3 · AR prior (tokens), saved", (850, 40, 370, 860)),
                                            ("4 · Three DiT decodes of the same tokens", (1230, 40, 840, 1660))]
     return {
         "text_to_image.json": build("text_to_image", t2i, _stage_groups(0), info),
@@ -224,7 +224,8 @@ def main() -> None:
             try:
                 info = object_info(pack)
                 for filename, workflow in shipped_workflows(info).items():
-                    (REPO_ROOT / "workflows" / filename).write_text(json.dumps(workflow, indent=2) + "\n")
+                    text = json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+                    (REPO_ROOT / "workflows" / filename).write_text(text)
                     print("wrote", filename)
             finally:
                 unload_pack(pack)

@@ -55,14 +55,14 @@ def install_checkpoint(comfy, checkpoint: Path) -> Path:
     return link
 
 
-def write_reference_images(comfy) -> list[str]:
+def write_reference_images(input_dir: Path) -> list[str]:
     """Input images the shipped workflows load (LoadImage widgets), of different sizes."""
     import PIL.Image
 
     names = {"reference.png": (640, 512), "subject_1.png": (512, 512), "subject_2.png": (512, 768),
              "subject_3.png": (768, 512)}
     for index, (name, size) in enumerate(names.items()):
-        PIL.Image.new("RGB", size, (40 + 60 * index, 120, 200 - 40 * index)).save(comfy.directories["input"] / name)
+        PIL.Image.new("RGB", size, (40 + 60 * index, 120, 200 - 40 * index)).save(input_dir / name)
     return list(names)
 
 
@@ -73,7 +73,7 @@ def installed_checkpoint(comfy, tiny_checkpoint) -> Path:
 
 @pytest.fixture
 def reference_images(comfy) -> list[str]:
-    return write_reference_images(comfy)
+    return write_reference_images(comfy.directories["input"])
 
 
 @pytest.fixture

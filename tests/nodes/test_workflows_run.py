@@ -47,7 +47,7 @@ class Server:
 def server(comfy_stubs, pack, tiny_checkpoint, tmp_path_factory):
     comfy_stubs.configure(tmp_path_factory.mktemp("comfyui-run"))
     install_checkpoint(comfy_stubs, tiny_checkpoint)
-    write_reference_images(comfy_stubs)
+    write_reference_images(comfy_stubs.directories["input"])
     return Server(comfy_stubs, Executor(class_mappings(pack)), pack)
 
 
