@@ -160,3 +160,12 @@ def test_pack_uses_only_modelled_comfyui_apis(pack, comfy, fake_model_folder):
     for cls in pack.node_class_mappings.values():
         cls.INPUT_TYPES()
     assert comfy.violations == []
+
+
+def test_stubs_fail_loudly_on_unmodelled_comfyui_apis(comfy):
+    import comfy.model_management as model_management  # the harness stub
+
+    with pytest.raises(AttributeError, match="does not model"):
+        model_management.load_models_gpu([])
+    assert comfy.violations == ["comfy.model_management.load_models_gpu"]
+    comfy.violations.clear()
