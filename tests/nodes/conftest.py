@@ -12,16 +12,22 @@ from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER
 
 @pytest.fixture(scope="session")
 def comfy_stubs(tmp_path_factory):
-    stubs = ComfyStubs(tmp_path_factory.mktemp("comfyui-session"))
-    with stubs.installed():
-        yield stubs
+    return ComfyStubs(tmp_path_factory.mktemp("comfyui-session"))
+
+
+@pytest.fixture(autouse=True)
+def _comfy_stubs_installed(comfy_stubs):
+    """The stub ComfyUI modules are importable during each node test only, never in other tests' way."""
+    with comfy_stubs.installed():
+        yield
 
 
 @pytest.fixture(scope="session")
 def pack(comfy_stubs, tmp_path_factory):
     """The pack copied to custom_nodes/<random name with dots and dashes> and imported like ComfyUI does."""
     folder = copy_pack(tmp_path_factory.mktemp("custom_nodes"))
-    loaded = load_pack(folder)
+    with comfy_stubs.installed():
+        loaded = load_pack(folder)
     yield loaded
     unload_pack(loaded)
 
