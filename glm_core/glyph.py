@@ -174,7 +174,7 @@ def load_glyph_encoder(checkpoint_folder, device, dtype) -> GlyphEncoder:
     """GlyphEncoder from a GLM-Image folder's `text_encoder/` and `tokenizer/` (eval mode)."""
     from transformers import T5Config, T5EncoderModel
 
-    from glm_core.checkpoint import load_weights, open_checkpoint
+    from .checkpoint import load_weights, open_checkpoint
 
     folder = open_checkpoint(checkpoint_folder)
     component = folder.component_dir("text_encoder")

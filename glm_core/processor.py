@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 
-from glm_core.checkpoint import CheckpointError, _read_json, open_checkpoint
+from .checkpoint import CheckpointError, _read_json, open_checkpoint
 
 # Target sizes the model card and the API document (spec §4).
 MIN_TARGET_SIDE = 512

@@ -62,7 +62,7 @@ class DiTConfig:
 
 def load_dit_config(checkpoint_folder) -> DiTConfig:
     """DiTConfig of a GLM-Image folder's `transformer/` component."""
-    from glm_core.checkpoint import open_checkpoint
+    from ..checkpoint import open_checkpoint
 
     folder = open_checkpoint(checkpoint_folder)
     path = folder.component_dir("transformer") / "config.json"

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm_core.dit.config import DiTConfig
-from glm_core.dit.reference_kv import ReferenceKV
-from glm_core.schedule import guided_velocity, uses_guidance
+from .config import DiTConfig
+from .reference_kv import ReferenceKV
+from ..schedule import guided_velocity, uses_guidance
 
 _gelu_tanh = partial(F.gelu, approximate="tanh")
 
@@ -496,7 +496,7 @@ class GlmImageDiT(nn.Module):
 
 def load_dit(checkpoint_folder, device, dtype) -> GlmImageDiT:
     """GlmImageDiT from a GLM-Image folder's `transformer/` (built on meta, weights assigned, eval mode)."""
-    from glm_core.checkpoint import load_weights, open_checkpoint
+    from ..checkpoint import load_weights, open_checkpoint
 
     folder = open_checkpoint(checkpoint_folder)
     component = folder.component_dir("transformer")
