@@ -9,6 +9,7 @@ clock on the CPU), a warm-up first, the median of several runs, fresh random inp
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import gc
@@ -407,3 +408,47 @@ def fmt(value, digits: int = 3) -> str:
     if abs(value) >= 100:
         return f"{value:.0f}"
     return f"{value:.{digits}g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line shared by the entry points
+
+
+def common_arguments(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every bench entry point takes (phase-specific ones are added by the caller)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny configuration on the CPU (smoke test)")
+    p.add_argument("--model", help="GLM-Image checkpoint folder (real weights) instead of random weights")
+    p.add_argument("--out", default=os.environ.get("OUT") or default_out, help="folder for the .json / .md results")
+    p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget for all phases")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    return p
+
+
+def parse_common(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.model:
+        from glm_core.checkpoint import is_glm_image_folder
+
+        if not is_glm_image_folder(args.model):
+            p.error(f"--model {args.model}: not a GLM-Image checkpoint folder (needs model_index.json naming "
+                    "GlmImagePipeline and its component sub-folders)")
+    return args
+
+
+def start_run(args: argparse.Namespace) -> tuple["Deadline", torch.device]:
+    """Line-buffered output, no autograd, the device, and the wall-clock budget."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # for child processes; this one is line-buffered below
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    deadline = Deadline(args.budget_s)
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    torch.set_grad_enabled(False)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: thread oversubscription made tiny runs 10-20x slower
+    return deadline, device

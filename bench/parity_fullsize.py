@@ -22,9 +22,7 @@ Phases (one at a time, GPU freed in between): ar (fp32 reference 40 GB → cast 
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -483,40 +481,15 @@ def summary_text(data: dict) -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny configuration on the CPU (smoke test)")
-    p.add_argument("--model", help="GLM-Image checkpoint folder (real weights) instead of random weights")
-    p.add_argument("--out", default=os.environ.get("OUT") or "out/parity", help="folder for parity.json / .md")
+    p = harness.common_arguments(__doc__.split("\n\n")[0], "out/parity")
     p.add_argument("--only", default="", help="comma-separated phases: ar,dit,vae (default all)")
-    p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget for all phases")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    args = p.parse_args(argv)
-    if args.model:
-        from glm_core.checkpoint import is_glm_image_folder
-
-        if not is_glm_image_folder(args.model):
-            p.error(f"--model {args.model}: not a GLM-Image checkpoint folder (needs model_index.json naming "
-                    "GlmImagePipeline and its component sub-folders)")
-    return args
+    return harness.parse_common(p, argv)
 
 
 def main(argv=None) -> dict:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # for child processes; this one is line-buffered below
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    deadline = Deadline(args.budget_s)
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    torch.set_grad_enabled(False)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # a shared CPU: thread oversubscription made tiny runs 10-20x slower
+    deadline, device = harness.start_run(args)
     strict_fp32()
     mode = "tiny" if args.tiny else ("checkpoint" if args.model else "full size, random bf16-valued weights")
     report = Report(Path(args.out) if args.out else None, "parity",

@@ -29,8 +29,6 @@ How each figure is measured (also written into the output's notes):
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import traceback
 from dataclasses import asdict
@@ -579,42 +577,17 @@ NOTES = [
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny configuration on the CPU (smoke test)")
-    p.add_argument("--model", help="GLM-Image checkpoint folder (real weights) instead of random weights")
-    p.add_argument("--out", default=os.environ.get("OUT") or "out/bench", help="folder for bench.json / bench.md")
+    p = harness.common_arguments(__doc__.split("\n\n")[0], "out/bench")
     p.add_argument("--only", default="", help="comma-separated phases among ar,dit,vae (default all); the "
                    "ceilings are always measured first")
-    p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget for all phases")
     p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (fewer if time is short)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    args = p.parse_args(argv)
-    if args.model:
-        from glm_core.checkpoint import is_glm_image_folder
-
-        if not is_glm_image_folder(args.model):
-            p.error(f"--model {args.model}: not a GLM-Image checkpoint folder (needs model_index.json naming "
-                    "GlmImagePipeline and its component sub-folders)")
-    return args
+    return harness.parse_common(p, argv)
 
 
 def main(argv=None) -> dict:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # for child processes; this one is line-buffered below
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(line_buffering=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    deadline = Deadline(args.budget_s)
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    torch.set_grad_enabled(False)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # a shared CPU: thread oversubscription made tiny runs 10-20x slower
+    deadline, device = harness.start_run(args)
     mode = "tiny" if args.tiny else ("checkpoint" if args.model else "full size, random weights")
     report = Report(Path(args.out) if args.out else None, "bench",
                     harness.base_meta(device, ["-m", "bench.run"] + argv, mode), render_markdown)
