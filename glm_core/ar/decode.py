@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from . import sampling
-from .model import GlmImageAR
+from .compiling import compile_wanted, compiled
+from .model import GlmImageAR, TextDecoderLayer
 from .positions import batch_positions
 
 Grid = tuple[int, int]
@@ -241,8 +242,9 @@ class DecodeLoop:
     """
 
     def __init__(self, model: GlmImageAR, plan: PromptPlan, cache: KVCache, *, generators, temperature,
-                 top_k, top_p, greedy: bool, mask_grid: bool):
+                 top_k, top_p, greedy: bool, mask_grid: bool, run_layer=None):
         self.model, self.cache = model, cache
+        self.run_layer = run_layer  # None: plain layer calls; else e.g. decode_layer_runner()
         self.prompt_length = plan.input_ids.shape[1]
         self.num_tokens = plan.num_new_tokens
         batch = plan.input_ids.shape[0]
@@ -283,7 +285,8 @@ class DecodeLoop:
         mask = self.cache.key_allowed[:, None, None, :]  # (B, 1, 1, S)
         hidden = self.model.embed(token)
         cos, sin = self.cos.index_select(0, k)[0], self.sin.index_select(0, k)[0]
-        hidden = self.model.hidden_states(hidden, cos, sin, mask, kv_cache=self.cache, cache_index=cache_index)
+        hidden = self.model.hidden_states(hidden, cos, sin, mask, kv_cache=self.cache, cache_index=cache_index,
+                                          run_layer=self.run_layer)
         return self.model.logits(hidden[:, -1])
 
     def step(self) -> None:
@@ -291,6 +294,40 @@ class DecodeLoop:
         next_index = self.step_index + 1
         self.tokens.index_copy_(1, next_index, self.choose(logits, next_index)[:, None])
         self.step_index.add_(1)
+
+
+class _CacheSlot:
+    """A layer's K/V buffers as a plain object: inside torch.compile, tensors reached through an
+    nn.Module get static shapes, plain arguments do not (one compiled graph for every cache length)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    write_at = LayerKVCache.write_at
+
+
+def _decode_layer(layer: TextDecoderLayer, hidden, cos, sin, attn_mask, k, v, cache_index):
+    return layer(hidden, cos, sin, attn_mask, _CacheSlot(k, v), cache_index)
+
+
+def decode_layer_runner(model: GlmImageAR, compile: bool | None = None, backend: str = "inductor", *,
+                        fuse_qkv: bool = True):
+    """What the decode step calls per layer: None (plain calls), or, when compiling is wanted
+    (`compiling.compile_wanted`: default on CUDA), a torch.compile'd layer call after fusing q/k/v.
+    Inductor fuses each layer's norms (fp32 statistics kept), rope, residual adds and cache write into
+    a few kernels; all 40 layers share one compiled graph, captured with the rest of the step into the
+    decode loop's CUDA graph. Falls back to eager on a compile error (a rerun of a layer rewrites the
+    same K/V slot, so it is safe)."""
+    if not compile_wanted(model.device, compile):
+        return None
+    if fuse_qkv:  # False only to measure the two changes apart (bench/fast_paths.py)
+        model.fuse_projections()
+    layer_call = compiled(_decode_layer, "AR decode layer", backend)
+
+    def run_layer(layer, hidden, cos, sin, attn_mask, layer_cache, cache_index):
+        return layer_call(layer, hidden, cos, sin, attn_mask, layer_cache.k, layer_cache.v, cache_index)
+
+    return run_layer
 
 
 def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], use_cuda_graph: bool) -> None:
@@ -338,11 +375,14 @@ def generate_sequences(
     progress: Callable[[int, int], None] | None = None,
     interrupt: Callable[[], None] | None = None,
     use_cuda_graph: bool | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """All generated tokens (B, N) long on the CPU: preview grid (t2i), large grid, EOS slot.
 
     seeds: one per batch item. With one prompt and several seeds the prompt is repeated; otherwise
     len(seeds) must equal the number of prompts. Item i's tokens come from seeds[i] alone.
+    compile: torch.compile the decode layer and fuse q/k/v (`decode_layer_runner`); None = on for CUDA
+    unless GLM_CORE_NO_COMPILE=1. Same tokens up to bf16 rounding differences.
     """
     seeds = [int(s) for s in seeds]
     prompts = torch.as_tensor(ar_inputs.input_ids).shape[0]
@@ -366,6 +406,7 @@ def generate_sequences(
             model, plan, cache,
             generators=None if greedy else sampling.make_generators(seeds, device),
             temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, mask_grid=mask_grid,
+            run_layer=decode_layer_runner(model, compile),
         )
         loop.first(prefill(model, plan, cache))
 
@@ -389,17 +430,19 @@ def generate_sequences(
 
 
 @torch.no_grad()
-def cached_forced_logits(model: GlmImageAR, ar_inputs, forced_tokens: torch.Tensor) -> torch.Tensor:
+def cached_forced_logits(model: GlmImageAR, ar_inputs, forced_tokens: torch.Tensor, *, compile: bool = False,
+                         backend: str = "inductor") -> torch.Tensor:
     """Teacher forcing through the real generation path (prefill + cached one-token steps).
 
     forced_tokens (B, N - 1): generated tokens 0 .. N-2 to feed. Returns logits (B, N, V): row 0
     from the prefill, row k + 1 from the step that fed token k. For tests and benchmarks.
+    compile: run the steps through `decode_layer_runner` (off by default here: eager reference path).
     """
     plan = prepare_prompt(model, ar_inputs)
     batch, total = plan.input_ids.shape[0], plan.num_new_tokens
     cache = setup_caches(model, batch, plan.input_ids.shape[1] + total)
     loop = DecodeLoop(model, plan, cache, generators=None, temperature=1.0, top_k=None, top_p=None,
-                      greedy=True, mask_grid=False)
+                      greedy=True, mask_grid=False, run_layer=decode_layer_runner(model, compile, backend))
     loop.tokens[:, : total - 1] = forced_tokens.to(loop.tokens.device)
     rows = [prefill(model, plan, cache)]
     for _ in range(total - 1):
@@ -432,11 +475,12 @@ def generate_tokens(
     mask_grid: bool = True,
     progress: Callable[[int, int], None] | None = None,
     interrupt: Callable[[], None] | None = None,
+    compile: bool | None = None,
 ) -> PriorTokens:
     """Sample the prior tokens for a batch (several prompts, or one prompt with several seeds)."""
     tokens = generate_sequences(
         model, ar_inputs, seeds=seeds, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
-        mask_grid=mask_grid, progress=progress, interrupt=interrupt,
+        mask_grid=mask_grid, progress=progress, interrupt=interrupt, compile=compile,
     )
     target = tuple(int(x) for x in ar_inputs.target_grid)
     preview = getattr(ar_inputs, "preview_grid", None)

@@ -56,6 +56,54 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        # (q|k|v) rows stacked, set by `fuse_qkv`; q/k/v_proj then hold views of it (no extra memory,
+        # the checkpoint key names stay). Non-persistent: never in the state dict.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def _qkv_parts(self):
+        return [(self.q_proj, "weight"), (self.k_proj, "weight"), (self.v_proj, "weight")], \
+            [(self.q_proj, "bias"), (self.k_proj, "bias"), (self.v_proj, "bias")]
+
+    def qkv_fused(self) -> bool:
+        """True when qkv_weight / qkv_bias exist and q/k/v_proj still point into them (not after `.to()`,
+        `load_state_dict(assign=True)` or anything else that replaced a projection's tensors)."""
+        for fused, parts in zip((self.qkv_weight, self.qkv_bias), self._qkv_parts()):
+            tensors = [getattr(module, name) for module, name in parts]
+            if fused is None:
+                if tensors[0] is None:
+                    continue
+                return False
+            offset = fused.data_ptr()
+            for t in tensors:
+                if t is None or t.device != fused.device or t.dtype != fused.dtype or t.data_ptr() != offset:
+                    return False
+                offset += t.numel() * t.element_size()
+        return self.qkv_weight is not None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One matmul for q, k and v (a decode token reads one (q+2kv, hidden) weight instead of three,
+        the two small kv GEMVs being the least efficient). Idempotent; re-fuses when stale."""
+        if self.qkv_fused():
+            return
+        for fused_name, parts in zip(("qkv_weight", "qkv_bias"), self._qkv_parts()):
+            tensors = [getattr(module, name) for module, name in parts]
+            if tensors[0] is None:
+                setattr(self, fused_name, None)
+                continue
+            fused = torch.cat([t.detach() for t in tensors])
+            setattr(self, fused_name, fused)
+            start = 0
+            for (module, name), t in zip(parts, tensors):
+                setattr(module, name, nn.Parameter(fused[start : start + t.shape[0]], requires_grad=False))
+                start += t.shape[0]
+
+    def _project_qkv(self, x: torch.Tensor):
+        if self.qkv_weight is not None and (torch.compiler.is_compiling() or self.qkv_fused()):
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            return F.linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, attn_mask, layer_cache=None, cache_index=None):
         """x (B, L, hidden); attn_mask (B, 1, L, S) bool, True = may attend; None = causal, no padding.
@@ -66,9 +114,10 @@ class TextAttention(nn.Module):
         the whole preallocated cache (static shapes).
         """
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._project_qkv(x)
+        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if layer_cache is not None:
@@ -132,11 +181,18 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(TextDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, cos, sin, attn_mask, kv_cache=None, cache_index=None) -> torch.Tensor:
-        """hidden (B, L, hidden) embeddings -> final-normed hidden states (B, L, hidden)."""
+    def forward(self, hidden, cos, sin, attn_mask, kv_cache=None, cache_index=None, run_layer=None) -> torch.Tensor:
+        """hidden (B, L, hidden) embeddings -> final-normed hidden states (B, L, hidden).
+
+        run_layer(layer, hidden, cos, sin, attn_mask, layer_cache, cache_index): how to call each layer
+        (the decode loop passes a torch.compile'd `TextDecoderLayer.forward`); None = call it.
+        """
         for i, layer in enumerate(self.layers):
             layer_cache = None if kv_cache is None else kv_cache.layers[i]
-            hidden = layer(hidden, cos, sin, attn_mask, layer_cache, cache_index)
+            if run_layer is None:
+                hidden = layer(hidden, cos, sin, attn_mask, layer_cache, cache_index)
+            else:
+                hidden = run_layer(layer, hidden, cos, sin, attn_mask, layer_cache, cache_index)
         return self.norm(hidden)
 
 
@@ -200,8 +256,14 @@ class GlmImageAR(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.language_model.embed_tokens(input_ids)
 
-    def hidden_states(self, hidden, cos, sin, attn_mask, kv_cache=None, cache_index=None) -> torch.Tensor:
-        return self.model.language_model(hidden, cos, sin, attn_mask, kv_cache, cache_index)
+    def hidden_states(self, hidden, cos, sin, attn_mask, kv_cache=None, cache_index=None, run_layer=None
+                      ) -> torch.Tensor:
+        return self.model.language_model(hidden, cos, sin, attn_mask, kv_cache, cache_index, run_layer)
+
+    def fuse_projections(self) -> None:
+        """Fuse each text layer's q/k/v projections into one matmul (see `TextAttention.fuse_qkv`)."""
+        for layer in self.model.language_model.layers:
+            layer.self_attn.fuse_qkv()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
