@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ar.compiling import compile_wanted, compiled
 from .config import DiTConfig
 from .reference_kv import ReferenceKV
 from ..schedule import guided_velocity, uses_guidance
@@ -315,6 +316,10 @@ class GlmImageDiT(nn.Module):
         self.transformer_blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_layers)])
         self.norm_out = AdaLayerNormOut(config.time_embed_dim, dim, config.norm_eps)
         self.proj_out = nn.Linear(dim, config.patch_size ** 2 * config.out_channels)
+        # torch.compile each block (one shared compiled graph for all blocks): True / False, or None =
+        # on for CUDA unless GLM_CORE_NO_COMPILE=1 (`glm_core.ar.compiling`). Not module state.
+        self.compile_blocks: bool | None = None
+        self.compile_backend = "inductor"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -338,11 +343,20 @@ class GlmImageDiT(nn.Module):
             prior = prior * keep
         return image_tokens + self.prior_projector(prior)
 
+    def _block_runner(self):
+        """DiTBlock.__call__, or the shared torch.compile'd DiTBlock.forward (inductor fuses the
+        LayerNorms, modulation, QK-norm + RoPE, gates and residuals around the matmuls; falls back to
+        eager on a compile error). Blocks are pure functions, so a failed compiled call can rerun."""
+        if compile_wanted(self.device, self.compile_blocks):
+            return compiled(DiTBlock.forward, "DiT block", self.compile_backend)
+        return DiTBlock.__call__
+
     def _run_blocks(self, tokens, text_len, temb, rope, reference_kv, key_mask, collect_kv: bool):
         collected_keys, collected_values = [], []
+        run_block = self._block_runner()
         for index, block in enumerate(self.transformer_blocks):
             reference = reference_kv.layer(index) if reference_kv is not None else None
-            tokens, (key, value) = block(tokens, text_len, temb, rope, reference, key_mask)
+            tokens, (key, value) = run_block(block, tokens, text_len, temb, rope, reference, key_mask)
             if collect_kv:
                 collected_keys.append(key)
                 collected_values.append(value)

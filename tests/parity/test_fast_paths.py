@@ -1,0 +1,164 @@
+"""The fast paths used on CUDA (fused q/k/v, torch.compile'd AR decode layer and DiT block) compute
+the same function as the plain modules. Run here on the CPU with torch.compile's `aot_eager` backend
+(dynamo tracing + AOT autograd, no code generation: fast and exact in fp32) and, for the AR, once
+with inductor; on the GPU `bench/fast_paths.py` checks the inductor code against eager in bf16."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from glm_core.ar import compiling
+from glm_core.ar.decode import cached_forced_logits, generate_sequences, prepare_prompt
+from glm_core.ar.model import load_ar
+from tests.parity.test_ar_model import _one_thread, build, rel_err  # noqa: F401
+from tests.reference import reference_processor
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    return load_ar(tiny_checkpoint, "cpu", torch.float32), None, reference_processor(tiny_checkpoint)
+
+
+def test_compile_switch(monkeypatch):
+    monkeypatch.delenv(compiling.NO_COMPILE_ENV, raising=False)
+    assert not compiling.compile_wanted("cpu")
+    assert compiling.compile_wanted("cuda")
+    assert compiling.compile_wanted("cpu", True) and not compiling.compile_wanted("cuda", False)
+    monkeypatch.setenv(compiling.NO_COMPILE_ENV, "1")
+    assert not compiling.compile_wanted("cuda")
+    assert compiling.compile_wanted("cuda", True)
+
+
+def test_fused_qkv_views_keep_keys_and_memory(models):
+    ours, _, _ = models
+    model = copy.deepcopy(ours)
+    keys = set(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_projections()
+    attn = model.model.language_model.layers[0].self_attn
+    assert attn.qkv_fused()
+    assert set(model.state_dict()) == keys  # the fused tensors are not in the state dict
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    model.fuse_projections()  # idempotent
+    assert attn.qkv_fused()
+    # replacing a projection's weight makes the fused copy stale: it is no longer used, then re-fused
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone() * 2, requires_grad=False)
+    assert not attn.qkv_fused()
+    x = torch.randn(1, 3, attn.q_proj.in_features)
+    q, k, v = attn._project_qkv(x)
+    torch.testing.assert_close(k, attn.k_proj(x))
+    model.fuse_projections()
+    assert attn.qkv_fused()
+    torch.testing.assert_close(attn._project_qkv(x)[1], attn.k_proj(x))
+
+
+@pytest.mark.parametrize("case", ["t2i", "edit_2ref", "t2i_batch_padded"])
+def test_compiled_decode_layer_same_logits(models, case):
+    ours, _, _ = models
+    inputs = build(models, case)
+    plan = prepare_prompt(ours, inputs)
+    forced = torch.randint(0, ours.config.codebook_size, (plan.input_ids.shape[0], plan.num_new_tokens - 1),
+                           generator=torch.Generator().manual_seed(3))
+    model = copy.deepcopy(ours)
+    eager = cached_forced_logits(model, inputs, forced)
+    fast = cached_forced_logits(model, inputs, forced, compile=True, backend="aot_eager")
+    assert model.model.language_model.layers[0].self_attn.qkv_fused()
+    err = rel_err(fast, eager)
+    assert err <= TOL, f"{case}: compiled decode logits rel err {err:.2e}"
+    assert not compiling.compiled(compiling_target(), "", "aot_eager").failed
+
+
+def compiling_target():
+    from glm_core.ar.decode import _decode_layer
+
+    return _decode_layer
+
+
+def test_compiled_decode_layer_inductor(models):
+    """The real backend once (C++ code on the CPU): same logits within fp32 rounding."""
+    ours, _, _ = models
+    inputs = build(models, "t2i")
+    plan = prepare_prompt(ours, inputs)
+    forced = torch.randint(0, ours.config.codebook_size, (1, plan.num_new_tokens - 1),
+                           generator=torch.Generator().manual_seed(4))
+    model = copy.deepcopy(ours)
+    eager = cached_forced_logits(model, inputs, forced)
+    try:
+        fast = cached_forced_logits(model, inputs, forced, compile=True)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"inductor unavailable here: {exc}")
+    if compiling.compiled(compiling_target(), "").failed:
+        pytest.skip("inductor could not compile on this machine (fell back to eager)")
+    err = rel_err(fast, eager)
+    assert err <= 1e-4, f"inductor decode logits rel err {err:.2e}"
+
+
+def test_generate_with_compile_same_tokens(models):
+    ours, _, processor = models
+    from tests.parity.test_ar_generate import make_inputs
+
+    inputs = make_inputs(processor, ["a castle"], 64, 64)
+    model = copy.deepcopy(ours)
+    plain = generate_sequences(model, inputs, seeds=[10, 11])
+    fast = generate_sequences(model, inputs, seeds=[10, 11], compile=True)
+    assert torch.equal(plain, fast)
+
+
+@pytest.fixture(scope="module")
+def dit(tiny_checkpoint):
+    from glm_core.dit import load_dit
+
+    return load_dit(tiny_checkpoint, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("batched_cfg", [False, True])
+def test_compiled_dit_blocks_same_velocity(dit, batched_cfg):
+    """Compiled blocks (aot_eager) vs plain blocks: guided step, and editing with reference K/V."""
+    from glm_core.dit.model import DiTBlock
+
+    g = torch.Generator().manual_seed(21)
+    text_dim = dit.config.text_embed_dim
+    latents = torch.randn(1, 16, 8, 12, generator=g)
+    glyph, negative = torch.randn(1, 5, text_dim, generator=g), torch.randn(1, 1, text_dim, generator=g)
+    prior_ids = torch.randint(0, 16384, (1, 24), generator=g)
+    ref_latent = torch.randn(1, 16, 8, 8, generator=g)
+    ref_prior = torch.randint(0, 16384, (16,), generator=g)
+
+    def run():
+        reference_kv = dit.encode_references([ref_latent], [ref_prior], [(64, 64)])
+        plain = dit.predict_velocity(latents, glyph, negative, prior_ids, 966.0, (64, 96), guidance=1.5,
+                                     batched_cfg=batched_cfg)
+        edit = dit.predict_velocity(latents, glyph, negative, prior_ids, 966.0, (64, 96), guidance=1.5,
+                                    reference_kv=reference_kv, batched_cfg=batched_cfg)
+        return reference_kv, plain, edit
+
+    dit.compile_blocks = False
+    expected = run()
+    dit.compile_blocks, dit.compile_backend = True, "aot_eager"
+    try:
+        got = run()
+    finally:
+        dit.compile_blocks, dit.compile_backend = None, "inductor"
+    assert not compiling.compiled(DiTBlock.forward, "", "aot_eager").failed
+    for k_got, k_exp in zip(got[0].keys, expected[0].keys):
+        assert rel_err(k_got, k_exp) <= TOL
+    assert rel_err(got[1], expected[1]) <= TOL
+    assert rel_err(got[2], expected[2]) <= TOL
+
+
+def test_compile_failure_falls_back_to_eager():
+    def broken(x):
+        return x + 1
+
+    wrapper = compiling.CompiledOrEager(broken, "test", backend="aot_eager")
+    wrapper.compiled = lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler"))
+    with pytest.warns(RuntimeWarning, match="running eagerly"):
+        assert wrapper(torch.ones(1)).item() == 2
+    assert wrapper.failed and wrapper(torch.ones(1)).item() == 2
