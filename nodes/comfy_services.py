@@ -34,6 +34,14 @@ def _model_management():
     return model_management
 
 
+def _model_patcher():
+    try:
+        import comfy.model_patcher as model_patcher
+    except ImportError:
+        return None
+    return model_patcher
+
+
 def _comfy_utils():
     try:
         import comfy.utils as comfy_utils
@@ -97,6 +105,56 @@ def free_memory(bytes_needed: int, device) -> None:
         return
     model_management.free_memory(bytes_needed, device)
     model_management.soft_empty_cache()
+
+
+def soft_empty_cache() -> None:
+    model_management = _model_management()
+    if model_management is not None:
+        model_management.soft_empty_cache()
+
+
+def offload_device():
+    """Where ComfyUI puts a diffusion model it unloads: the CPU, or the GPU itself under --highvram /
+    --gpu-only (then nothing leaves the GPU, as the user asked)."""
+    return _model_management().unet_offload_device()
+
+
+_STAGE_PATCHER_CLASSES: dict = {}
+
+
+def stage_patcher_class():
+    """ComfyUI's ModelPatcher, specialised for a stage that runs whole or not at all (None outside ComfyUI).
+
+    Our stages are plain torch modules, not built from comfy.ops, so they cannot run with some layers left on
+    the CPU (ComfyUI's "lowvram" partial loading), and the AR's fused q/k/v buffer is not a leaf parameter,
+    so a partial unload would report memory freed that is still held. Hence:
+    - partially_load always loads the whole stage (ComfyUI's CLIP and VAE do the same through
+      `force_full_load`; this also covers --novram, which would otherwise load nothing);
+    - partially_unload frees nothing, so ComfyUI's LoadedModel.model_unload falls through to `detach()`,
+      which moves the whole stage to the offload device.
+    """
+    model_patcher = _model_patcher()
+    if model_patcher is None or _model_management() is None:
+        return None
+    base = model_patcher.ModelPatcher
+    cls = _STAGE_PATCHER_CLASSES.get(base)
+    if cls is None:
+        class GlmImageStagePatcher(base):
+            def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
+                return super().partially_load(device_to, max(extra_memory, 2 * self.model_size() + 1), *args,
+                                              **kwargs)
+
+            def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+                return 0
+
+        cls = _STAGE_PATCHER_CLASSES[base] = GlmImageStagePatcher
+    return cls
+
+
+def load_models(patchers) -> None:
+    """ComfyUI makes room (unloading its own models, or ours it no longer needs) and moves these patchers'
+    models whole onto their load device; they are then on its loaded-model list, where it can evict them."""
+    _model_management().load_models_gpu(list(patchers), force_full_load=True)
 
 
 # --- progress and interrupt -----------------------------------------------------------------------

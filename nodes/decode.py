@@ -39,8 +39,11 @@ class GlmImageDiTDecode:
         }
 
     def decode(self, model, cond, tokens, steps, guidance, seed):
-        from ..glm_core.pipeline import decode
+        from ..glm_core.pipeline import check_token_ids, check_tokens_match, decode
 
+        # A user error (tokens from another size or other references) must not load 7B of weights first.
+        check_tokens_match(cond, tokens)
+        check_token_ids(tokens, model.codebook_size)
         make_room_for(model, "dit")
         progress = comfy_services.Progress()
 

@@ -1,9 +1,11 @@
-"""Memory etiquette inside ComfyUI: one big stage on the GPU at a time, and ComfyUI frees room first."""
+"""Memory etiquette inside ComfyUI: one big stage on the GPU at a time, ComfyUI frees room first, and every
+loaded stage is on ComfyUI's loaded-model list, so it can evict our stages when other nodes need the memory.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import comfy_services
+from . import comfy_services, model_patcher
 
 # Before a stage runs, our other stages leave the GPU: the 9B AR and the 7B DiT together (~34 GB in bf16)
 # do not fit a 24 GB card, and the DiT never needs the AR's weights (the tokens carry everything).
@@ -15,10 +17,30 @@ _CHECKPOINT_ITEMSIZE = 2  # the big components are stored in bf16; fp32 weights 
 
 
 def make_room_for(model, node: str) -> None:
-    """Offload our other stages, then ask ComfyUI to unload its own models until this node's stages fit."""
-    for other in _STAGES_OFFLOADED_BEFORE[node]:
-        model.offload(other)
-    comfy_services.free_memory(_bytes_to_load(model, _STAGES_RUN_BY[node]), model.device)
+    """Bring this node's stages onto the model's device, with room made for them first.
+
+    Our other stages leave the GPU first. Inside ComfyUI, stages never loaded before are read from disk
+    straight onto the device after ComfyUI freed room for them (estimated from the files), then every stage
+    of the node goes through `load_models_gpu`: ComfyUI moves back any that it evicted and lists them all as
+    loaded models (ComfyUI's own loaders register a model read straight onto the GPU the same way). Outside
+    ComfyUI the stages load lazily when the pipeline first uses them.
+    """
+    stages = _STAGES_RUN_BY[node]
+    managed = model_patcher.available()
+    if managed:
+        model_patcher.forget_unloaded(model)
+    offloaded = [other for other in _STAGES_OFFLOADED_BEFORE[node] if model_patcher.offload_stage(model, other)]
+    if not managed:
+        comfy_services.free_memory(_bytes_to_load(model, stages), model.device)
+        return
+    new = [stage for stage in stages if stage not in model.stage_modules()]
+    if new:
+        comfy_services.free_memory(_bytes_to_load(model, new), model.device)
+        for stage in new:
+            model.stage(stage)
+    elif offloaded:
+        comfy_services.soft_empty_cache()
+    comfy_services.load_models([model_patcher.patcher_for(model, stage) for stage in stages])
 
 
 def _bytes_to_load(model, stages) -> int:

@@ -1,4 +1,5 @@
-"""Stand-ins for the ComfyUI modules the pack may import: `folder_paths`, `comfy.utils`, `comfy.model_management`.
+"""Stand-ins for the ComfyUI modules the pack may import: `folder_paths`, `comfy.utils`, `comfy.model_management`,
+`comfy.model_patcher`.
 
 Each stub offers exactly what the pack calls, written from ComfyUI's documented behaviour (no ComfyUI code).
 Anything else the pack asks for is recorded in `ComfyStubs.violations` and raises AttributeError, so a test
@@ -11,6 +12,7 @@ import contextlib
 import os
 import sys
 import types
+import weakref
 from pathlib import Path
 
 
@@ -36,7 +38,7 @@ class StubModule(types.ModuleType):
 class ComfyStubs:
     """One set of stub modules; `install()` puts them in sys.modules, `configure(base)` points folders at `base`."""
 
-    MODULE_NAMES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management")
+    MODULE_NAMES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.model_patcher")
 
     def __init__(self, base_dir: Path):
         self.calls: list[tuple[str, str, tuple]] = []
@@ -44,13 +46,18 @@ class ComfyStubs:
         self.progress_updates: list[tuple[int, int, object]] = []  # (value, total, preview) via the global hook
         self.progress_hook = None  # extra hook(value, total, preview), e.g. a test pressing "cancel"
         self.interrupted = False
+        # ComfyUI's loaded-model list: weak references to patchers, newest first (ComfyUI's LoadedModel holds
+        # its patcher weakly too, so a pack that does not keep its patchers alive loses them here as there).
+        self._loaded: list[weakref.ref] = []
         self.modules = {name: StubModule(name, self) for name in self.MODULE_NAMES}
         self._build_folder_paths()
         self._build_model_management()
+        self._build_model_patcher()
         self._build_utils()
         self.modules["comfy"].__path__ = []  # a package, so `import comfy.utils` works
         self.modules["comfy"].utils = self.modules["comfy.utils"]
         self.modules["comfy"].model_management = self.modules["comfy.model_management"]
+        self.modules["comfy"].model_patcher = self.modules["comfy.model_patcher"]
         self.configure(base_dir)
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -77,6 +84,7 @@ class ComfyStubs:
         self.directories = {name: base_dir / name for name in ("input", "output", "temp")}
         for path in self.directories.values():
             path.mkdir(parents=True, exist_ok=True)
+        self._loaded.clear()  # a fresh ComfyUI has no models loaded
         self.reset_records()
 
     def reset_records(self) -> None:
@@ -105,6 +113,26 @@ class ComfyStubs:
 
     def called(self, function: str) -> list[tuple]:
         return [args for _module, name, args in self.calls if name == function]
+
+    # -- what "another node" does to our models ------------------------------------------------------
+
+    def loaded_patchers(self) -> list:
+        """The live patchers on the loaded-model list, newest first (`comfy.model_management.loaded_models()`)."""
+        self._loaded[:] = [ref for ref in self._loaded if ref() is not None]
+        return [ref() for ref in self._loaded]
+
+    def evict(self, patcher, memory_to_free=None) -> bool:
+        """What ComfyUI does to a loaded model when another model needs room (LoadedModel.model_unload): with
+        a byte count below the model's loaded size, first a partial unload; if that freed too little (or no
+        count is given), a full `detach()` to the offload device, and the model leaves the loaded list.
+        True if the model was fully unloaded."""
+        self._record("comfy.model_management", "evict", type(patcher.model).__name__, memory_to_free)
+        if memory_to_free is not None and memory_to_free < patcher.loaded_size():
+            if patcher.partially_unload(patcher.offload_device, memory_to_free) >= memory_to_free:
+                return False
+        patcher.detach(unpatch_all=True)
+        self._loaded[:] = [ref for ref in self._loaded if ref() is not None and ref() is not patcher]
+        return True
 
     # -- folder_paths ---------------------------------------------------------------------------------
 
@@ -178,9 +206,120 @@ class ComfyStubs:
                 stubs.interrupted = False  # ComfyUI clears the flag as it raises
                 raise InterruptProcessingException()
 
+        def unet_offload_device():
+            # --cpu / normal VRAM: the CPU (--highvram / --gpu-only would keep models on the GPU).
+            return torch.device(os.environ.get("GLM_IMAGE_TEST_OFFLOAD_DEVICE", "cpu"))
+
+        def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                            force_full_load=False):
+            # ComfyUI: make room on each model's load device (unloading other models; not modelled here:
+            # free_memory only records), then load each model (LoadedModel.model_load -> partially_load, with
+            # "everything" as the budget when force_full_load or when the device is the CPU) and put it at the
+            # front of the loaded list. A model already on the list is moved to the front, not added twice.
+            stubs._record("comfy.model_management", "load_models_gpu",
+                          tuple(type(m.model).__name__ for m in models), force_full_load)
+            for patcher in models:
+                budget = 1e32 if force_full_load or patcher.load_device.type == "cpu" else patcher.model_size() // 2
+                patcher.partially_load(patcher.load_device, budget)
+                stubs._loaded[:] = [ref for ref in stubs._loaded if ref() is not None and ref() is not patcher]
+                stubs._loaded.insert(0, weakref.ref(patcher))
+
+        def loaded_models(only_currently_used=False):
+            return stubs.loaded_patchers()
+
+        def unload_all_models():
+            # ComfyUI: free_memory(1e30, get_torch_device()) -> every model on the device is unloaded.
+            stubs._record("comfy.model_management", "unload_all_models")
+            for patcher in stubs.loaded_patchers():
+                stubs.evict(patcher, 1e30)
+
         for function in (get_torch_device, free_memory, soft_empty_cache, interrupt_current_processing,
-                         processing_interrupted, throw_exception_if_processing_interrupted):
+                         processing_interrupted, throw_exception_if_processing_interrupted, unet_offload_device,
+                         load_models_gpu, loaded_models, unload_all_models):
             setattr(module, function.__name__, function)
+
+    # -- comfy.model_patcher --------------------------------------------------------------------------
+
+    def _build_model_patcher(self) -> None:
+        module = self.modules["comfy.model_patcher"]
+        stubs = self
+        import torch
+
+        class ModelPatcher:
+            """comfy.model_patcher.ModelPatcher as model management meets it. Like ComfyUI's, it writes its
+            bookkeeping onto the wrapped module (`device` when missing or None, `model_loaded_weight_memory`,
+            `lowvram_patch_counter`, `model_lowvram`, `current_weight_patches_uuid`; `device` again on every
+            load and unload), so wrapping a module whose `device` is a read-only property fails here as there.
+            A partial load moves only the leaf modules that fit the budget; a partial unload moves leaf modules
+            to the offload device until enough is freed (ComfyUI does both, for models built from comfy.ops)."""
+
+            def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+                stubs._record("comfy.model_patcher", "ModelPatcher", type(model).__name__, load_device,
+                              offload_device)
+                self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+                if getattr(self.model, "device", None) is None:
+                    self.model.device = offload_device
+                for name, default in (("model_loaded_weight_memory", 0), ("lowvram_patch_counter", 0),
+                                      ("model_lowvram", False), ("current_weight_patches_uuid", None)):
+                    if not hasattr(self.model, name):
+                        setattr(self.model, name, default)
+                self.model_size()
+
+            def model_size(self):
+                if self.size <= 0:
+                    self.size = sum(t.nelement() * t.element_size() for t in self.model.state_dict().values())
+                return self.size
+
+            def loaded_size(self):
+                return self.model.model_loaded_weight_memory
+
+            def current_loaded_device(self):
+                return self.model.device
+
+            def _leaves(self):
+                return [(sum(p.nelement() * p.element_size() for p in m.parameters(recurse=False)), m)
+                        for m in self.model.modules() if next(m.parameters(recurse=False), None) is not None]
+
+            def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+                stubs._record("comfy.model_patcher", "partially_load", type(self.model).__name__, device_to)
+                before = self.model.model_loaded_weight_memory
+                if extra_memory + before > self.model_size():
+                    self.model.to(device_to)
+                    self.model.model_loaded_weight_memory = self.model_size()
+                    self.model.model_lowvram = False
+                else:  # lowvram: only what fits is moved; the rest stays where it is
+                    used = before
+                    for size, leaf in sorted(self._leaves(), key=lambda entry: -entry[0]):
+                        if used + size <= before + extra_memory:
+                            leaf.to(device_to)
+                            used += size
+                    self.model.model_loaded_weight_memory = used
+                    self.model.model_lowvram = True
+                self.model.device = device_to
+                return self.model.model_loaded_weight_memory - before
+
+            def partially_unload(self, device_to, memory_to_free=0):
+                stubs._record("comfy.model_patcher", "partially_unload", type(self.model).__name__, device_to)
+                freed = 0
+                for size, leaf in sorted(self._leaves(), key=lambda entry: entry[0]):
+                    if freed > memory_to_free:
+                        break
+                    leaf.to(device_to)
+                    freed += size
+                self.model.model_lowvram = True
+                self.model.model_loaded_weight_memory -= freed
+                return freed
+
+            def detach(self, unpatch_all=True):
+                stubs._record("comfy.model_patcher", "detach", type(self.model).__name__, unpatch_all)
+                if unpatch_all:
+                    self.model.to(self.offload_device)
+                    self.model.device = self.offload_device
+                    self.model.model_loaded_weight_memory = 0
+                    self.model.model_lowvram = False
+                return self.model
+
+        module.ModelPatcher = ModelPatcher
 
     # -- comfy.utils ----------------------------------------------------------------------------------
 

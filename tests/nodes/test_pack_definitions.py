@@ -166,6 +166,6 @@ def test_stubs_fail_loudly_on_unmodelled_comfyui_apis(comfy):
     import comfy.model_management as model_management  # the harness stub
 
     with pytest.raises(AttributeError, match="does not model"):
-        model_management.load_models_gpu([])
-    assert comfy.violations == ["comfy.model_management.load_models_gpu"]
+        model_management.get_free_memory()
+    assert comfy.violations == ["comfy.model_management.get_free_memory"]
     comfy.violations.clear()

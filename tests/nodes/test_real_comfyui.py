@@ -244,6 +244,73 @@ def test_real_server_interrupt_stops_the_ar_stage(server):
     assert interrupted and interrupted[0]["node_id"] == ar, entry["status"]
 
 
+STAGE_HOLDERS = {"ar": "GlmImageARStage", "glyph": "GlmImageGlyphStage", "dit": "GlmImageDiTStage",
+                 "vae": "GlmImageVAEStage"}
+
+
+def test_real_server_loads_our_stages_through_its_model_management(server):
+    """ComfyUI logs "Requested to load <class>" for each model load_models_gpu takes on: each of our stages
+    goes through it (the server runs --cpu, so the moves themselves are no-ops here)."""
+    _, prompt = shipped_prompt(server, "text_to_image.json")
+    ar = next(node_id for node_id, node in prompt.items() if node["class_type"] == "GLMImageGenerateTokens")
+    prompt[ar]["inputs"]["seed"] = 2468
+    assert _wait_for(server, queue(server, prompt))["status"]["status_str"] == "success"
+    log = server.log.read_text(errors="replace")
+    for holder in STAGE_HOLDERS.values():
+        assert f"Requested to load {holder}" in log, server.log_tail()
+    assert "memory leak" not in log.lower(), server.log_tail()
+
+
+def test_real_model_management_lists_evicts_and_reloads_our_stages(server, tmp_path):
+    """Our node functions run in a process that imports the real comfy.model_management and
+    comfy.model_patcher (configured as `main.py --cpu`): the loaded-model list holds our stages, ComfyUI's
+    unload paths move them off, and the next run brings them back with the same image."""
+    checker = Path(__file__).resolve().parents[1] / "harness" / "model_management_check.py"
+    out = tmp_path / "model_management.json"
+    done = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), str(checker), COMFYUI_PATH,
+                           str(server.pack_folder), str(server.scratch / "models" / "glm_image"), str(out)],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["cpu_state"] == "CPU" and report["torch_device"] == "cpu"
+
+    def check_loaded(entry, stage):
+        assert entry["holder"] == STAGE_HOLDERS[stage] and entry["is_model_patcher"], entry
+        assert entry["same_module"] and not entry["is_dead"] and not entry["lowvram"], entry
+        assert entry["load_device"] == entry["entry_device"] == report["torch_device"], entry
+        assert entry["offload_device"] == report["offload_device"], entry
+        assert entry["loaded_size"] == entry["model_size"] > 0, entry
+
+    assert set(report["after_ar"]) == {"ar"}
+    check_loaded(report["after_ar"]["ar"], "ar")
+    after_dit = report["after_dit"]
+    assert {"glyph", "dit", "vae"} <= set(after_dit)
+    for stage in ("glyph", "dit", "vae"):
+        check_loaded(after_dit[stage], stage)
+        assert after_dit[stage]["currently_used"]
+    if "ar" in after_dit:  # detached by us before the DiT ran; ComfyUI drops the entry on its next free
+        assert after_dit["ar"]["loaded_size"] == 0
+    # ModelPatcher's bookkeeping went onto our holders, never onto the stage modules.
+    assert report["stage_module_attributes"] == {stage: [] for stage in STAGE_HOLDERS}
+
+    assert report["after_unload_all"] == {}
+    assert all(devices == [report["offload_device"]] for devices in report["devices_after_unload_all"].values())
+
+    assert {"glyph", "dit", "vae"} <= set(report["after_rerun"])
+    for stage in ("glyph", "dit", "vae"):
+        check_loaded(report["after_rerun"][stage], stage)
+    assert report["same_tokens"] and report["same_image"]
+
+    # A request to free one byte of the DiT unloads it whole (our stages never run split between devices).
+    assert report["partial_unload_returned"] is True
+    assert "dit" not in report["after_partial_unload"]
+    assert report["same_image_after_partial"]
+    check_loaded(report["after_partial_rerun"]["dit"], "dit")
+
+    assert report["after_model_dropped"] == 0
+    assert not [w for w in report["warnings"] if "leak" in w.lower()], report["warnings"]
+
+
 def test_workflows_are_offered_as_templates(server):
     status, templates = server.request("/api/workflow_templates")
     assert status == 200

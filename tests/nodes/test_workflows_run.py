@@ -8,7 +8,9 @@ it needs (a test that must see a node run changes that node's inputs to somethin
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,3 +299,201 @@ def test_missing_model_folder(server):
     assert result.status == "error" and result.error_node == LOADER
     message = str(result.error)
     assert "GLM-Image-typo" in message and "models/glm_image" in message and "extra_model_paths.yaml" in message
+
+
+# --- ComfyUI's model management: our stages as loaded models it can evict ---------------------------------
+
+STAGE_HOLDERS = {"ar": "GlmImageARStage", "glyph": "GlmImageGlyphStage", "dit": "GlmImageDiTStage",
+                 "vae": "GlmImageVAEStage"}
+DIT_STAGES = ("GlmImageGlyphStage", "GlmImageDiTStage", "GlmImageVAEStage")
+
+
+def fresh_model_prompt(server, comfy, tiny_checkpoint, name):
+    """text_to_image on a model folder of its own (a GlmImage with no stage loaded yet)."""
+    folder = Path(comfy.modules["folder_paths"].models_dir) / "glm_image" / name
+    if not folder.exists():
+        folder.symlink_to(tiny_checkpoint, target_is_directory=True)
+    prompt = shipped_prompt(server, "text_to_image.json")
+    prompt[LOADER]["inputs"]["model_folder"] = name
+    return prompt
+
+
+def without_dit(prompt):
+    """Only the AR branch: Generate Tokens -> Preview Tokens -> PreviewImage."""
+    prompt = copy.deepcopy(prompt)
+    del prompt[DIT], prompt[SAVE]
+    return prompt
+
+
+def renamed(prompt, old, new):
+    """The same graph with node `old` under id `new` (so the executor's cache does not answer it)."""
+    prompt = copy.deepcopy(prompt)
+    prompt[new] = prompt.pop(old)
+    for node in prompt.values():
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] == old:
+                node["inputs"][key] = [new, value[1]]
+    return prompt
+
+
+def ours(comfy, model):
+    """The patchers of `model`'s stages on ComfyUI's loaded-model list, by stage."""
+    found = {}
+    for patcher in comfy.loaded_patchers():
+        if type(patcher.model).__name__ in STAGE_HOLDERS.values():
+            stage = patcher.model.stage_name
+            if patcher.model.stage_module is model.stage_modules().get(stage):
+                assert stage not in found, f"two patchers for the {stage} stage on the list"
+                found[stage] = patcher
+    return found
+
+
+def weight_devices(module):
+    return {p.device for p in module.parameters()} | {b.device for b in module.buffers()}
+
+
+def test_ar_node_registers_the_ar_stage_with_model_management(server, comfy, tiny_checkpoint):
+    prompt = without_dit(fresh_model_prompt(server, comfy, tiny_checkpoint, "GLM-Image-managed-ar"))
+    result = server.run(prompt)
+    assert result.status == "success", result.error
+    model = result.outputs[LOADER][0]
+    mm = comfy.modules["comfy.model_management"]
+
+    loaded = ours(comfy, model)
+    assert set(loaded) == {"ar"}
+    patcher = loaded["ar"]
+    assert patcher.model.stage_module is model.stage_modules()["ar"]  # the very module the pipeline runs
+    assert patcher.load_device == model.device == mm.get_torch_device()
+    assert patcher.offload_device == mm.unet_offload_device()
+    assert patcher.loaded_size() == patcher.model_size() > 0
+    assert comfy.called("load_models_gpu") == [(("GlmImageARStage",), True)]
+    # ModelPatcher's bookkeeping lands on the holder, never on the stage module (read-only device property).
+    assert not hasattr(model.stage_modules()["ar"], "model_loaded_weight_memory")
+    # Order: room made, weights read, registered and loaded through ComfyUI, then the AR runs.
+    names = [name for _, name, _ in comfy.calls]
+    assert names.index("free_memory") < names.index("ModelPatcher") < names.index("load_models_gpu") \
+        < names.index("ProgressBar")
+    assert comfy.violations == []
+
+
+def test_dit_node_loads_its_stages_through_model_management_without_the_ar(server, comfy, tiny_checkpoint):
+    prompt = fresh_model_prompt(server, comfy, tiny_checkpoint, "GLM-Image-managed-dit")
+    assert server.run(without_dit(prompt)).status == "success"
+    comfy.reset_records()
+    result = server.run(prompt)  # the AR is cached; only DiT Decode (and Save) run
+    assert result.status == "success", result.error
+    assert AR in result.cached and DIT in result.executed
+    model = result.outputs[LOADER][0]
+
+    assert comfy.called("load_models_gpu") == [(DIT_STAGES, True)]  # the AR is not asked for
+    # The AR left the GPU through its patcher (so ComfyUI's accounting agrees) before the DiT stages loaded.
+    names = [(name, args[0] if args else None) for _, name, args in comfy.calls]
+    assert names.index(("detach", "GlmImageARStage")) < names.index(("load_models_gpu", DIT_STAGES))
+    assert "ar" not in ours(comfy, model) or ours(comfy, model)["ar"].loaded_size() == 0
+    offload = comfy.modules["comfy.model_management"].unet_offload_device()
+    assert weight_devices(model.stage_modules()["ar"]) == {offload}
+    loaded = ours(comfy, model)
+    for stage in ("glyph", "dit", "vae"):
+        assert loaded[stage].loaded_size() == loaded[stage].model_size()
+        assert loaded[stage].model.stage_module is model.stage_modules()[stage]
+        assert weight_devices(model.stage_modules()[stage]) == {model.device}
+    assert comfy.violations == []
+
+
+def test_eviction_by_another_node_and_the_next_run_brings_the_stages_back(server, comfy, tiny_checkpoint):
+    prompt = fresh_model_prompt(server, comfy, tiny_checkpoint, "GLM-Image-managed-evict")
+    before = server.run(prompt)
+    assert before.status == "success", before.error
+    model = before.outputs[LOADER][0]
+    mm = comfy.modules["comfy.model_management"]
+    offload = mm.unet_offload_device()
+    assert set(ours(comfy, model)) >= {"glyph", "dit", "vae"}
+
+    # Another node needs the whole GPU: ComfyUI unloads every model it knows, ours included.
+    mm.unload_all_models()
+    assert ours(comfy, model) == {}
+    assert [args[0] for args in comfy.called("detach")] and \
+        {args[0] for args in comfy.called("detach")} >= set(DIT_STAGES)
+    for stage, module in model.stage_modules().items():
+        assert weight_devices(module) == {offload}, stage
+
+    # The next run (AR and DiT not cached: new node ids, same inputs) brings the stages back and gives the
+    # same image as before the eviction.
+    comfy.reset_records()
+    again = server.run(renamed(renamed(prompt, AR, "40"), DIT, "70"))
+    assert again.status == "success", again.error
+    assert {"40", "70"} <= set(again.executed)
+    assert comfy.called("load_models_gpu") == [(("GlmImageARStage",), True), (DIT_STAGES, True)]
+    assert set(ours(comfy, model)) >= {"glyph", "dit", "vae"}
+    for stage in ("glyph", "dit", "vae"):
+        assert weight_devices(model.stage_modules()[stage]) == {model.device}
+    assert torch.equal(before.outputs[DIT][0], again.outputs["70"][0])
+    assert comfy.violations == []
+
+
+def test_a_partial_eviction_unloads_a_stage_whole(server, comfy, tiny_checkpoint):
+    """ComfyUI first tries to free only part of a model; our stages cannot run split between devices, so the
+    patcher frees nothing partially and ComfyUI falls back to unloading the whole stage."""
+    prompt = fresh_model_prompt(server, comfy, tiny_checkpoint, "GLM-Image-managed-partial")
+    first = server.run(prompt)
+    assert first.status == "success", first.error
+    model = first.outputs[LOADER][0]
+    dit = ours(comfy, model)["dit"]
+    assert comfy.evict(dit, memory_to_free=1) is True  # one byte asked: the whole DiT goes
+    assert comfy.called("partially_unload") == []  # the stub's partial unload never ran for our patcher
+    assert dit.loaded_size() == 0 and "dit" not in ours(comfy, model)
+    assert weight_devices(model.stage_modules()["dit"]) == {dit.offload_device}
+
+    again = server.run(renamed(prompt, DIT, "71"))
+    assert again.status == "success", again.error
+    assert ours(comfy, model)["dit"] is dit and dit.loaded_size() == dit.model_size()
+    assert torch.equal(first.outputs[DIT][0], again.outputs["71"][0])
+
+
+def test_a_stage_reloaded_from_disk_gets_a_new_patcher(server, comfy, tiny_checkpoint):
+    prompt = without_dit(fresh_model_prompt(server, comfy, tiny_checkpoint, "GLM-Image-managed-reload"))
+    first = server.run(prompt)
+    model = first.outputs[LOADER][0]
+    old = weakref.ref(ours(comfy, model)["ar"])
+    model.unload("ar")  # e.g. a future "free memory" node; the old weights must not stay alive in a patcher
+    again = server.run(renamed(prompt, AR, "41"))
+    assert again.status == "success", again.error
+    gc.collect()
+    assert old() is None  # the old patcher (and with it the old holder and weights) is gone
+    new = ours(comfy, model)["ar"]
+    assert new.model.stage_module is model.stage_modules()["ar"]
+    assert torch.equal(first.outputs[AR][0].grid_ids, again.outputs["41"][0].grid_ids)
+
+
+class _NoComfyUI:
+    """A meta-path finder that makes `import comfy...` / `import folder_paths` fail, as outside ComfyUI."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in ("comfy", "folder_paths"):
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
+
+
+def test_without_comfyui_the_nodes_keep_the_cores_own_offloading(server, pack, tiny_checkpoint):
+    import importlib
+    import sys
+
+    memory = importlib.import_module(pack.module_name + ".nodes.memory")
+    patchers = importlib.import_module(pack.module_name + ".nodes.model_patcher")
+    pipeline = importlib.import_module(pack.module_name + ".glm_core.pipeline")
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules)
+             if name.split(".")[0] in ("comfy", "folder_paths")}
+    blocker = _NoComfyUI()
+    sys.meta_path.insert(0, blocker)
+    try:
+        assert not patchers.available()
+        model = pipeline.GlmImage.from_folder(tiny_checkpoint, device="cpu", dtype=torch.float32)
+        memory.make_room_for(model, "ar")
+        assert model.stage_modules() == {}  # stages still load lazily, when the pipeline first uses them
+        model.stage("ar")
+        memory.make_room_for(model, "dit")  # the AR is offloaded by the core itself
+        assert patchers.registered_stages(model) == {}
+        assert {p.device.type for p in model.stage_modules()["ar"].parameters()} == {"cpu"}
+    finally:
+        sys.meta_path.remove(blocker)
+        sys.modules.update(saved)

@@ -1,0 +1,112 @@
+"""Our pipeline stages as models ComfyUI's model management knows: one ModelPatcher per loaded stage.
+
+ComfyUI can only make room for other nodes by unloading models it knows about: those that went through
+`comfy.model_management.load_models_gpu([patcher])`. Each loaded stage of a `GlmImage` ("ar", "glyph",
+"dit", "vae") is wrapped in a thin `nn.Module` holder (our stage modules define `device` / `dtype` as
+read-only properties, and ModelPatcher writes `device`, `model_loaded_weight_memory`,
+`lowvram_patch_counter`, ... onto the module it wraps) and given a `ModelPatcher` whose load device is the
+model's device and whose offload device is ComfyUI's `unet_offload_device()`. When another node needs the
+memory, ComfyUI detaches our patcher, which moves the holder, and with it the stage's weights, to the
+offload device; the next node of ours that needs the stage asks `load_models_gpu` for it again.
+
+The patchers live here, keyed weakly by the `GlmImage`: when ComfyUI drops the loader's output, its
+patchers, holders and weights go with it (and ComfyUI's finalizer takes them off its loaded list).
+Outside ComfyUI nothing here is used: `available()` is False and the nodes keep the core's own offloading.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from . import comfy_services
+
+
+class GlmImageStage(torch.nn.Module):
+    """What a ModelPatcher wraps: one pipeline stage as the holder's only child, so `.to()`, `state_dict()`
+    and `named_modules()` (what ModelPatcher sizes and moves) cover exactly the stage's weights, and the
+    attributes ModelPatcher sets land on the holder, not on the stage module."""
+
+    stage_name = "stage"
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.stage_module = module
+        # Where the weights are now (ModelPatcher keeps this attribute up to date from here on).
+        self.device = next(module.parameters()).device
+
+
+# One class per stage so that ComfyUI's log ("Requested to load GlmImageDiTStage") says which one.
+class GlmImageARStage(GlmImageStage):
+    stage_name = "ar"
+
+
+class GlmImageGlyphStage(GlmImageStage):
+    stage_name = "glyph"
+
+
+class GlmImageDiTStage(GlmImageStage):
+    stage_name = "dit"
+
+
+class GlmImageVAEStage(GlmImageStage):
+    stage_name = "vae"
+
+
+HOLDERS = {cls.stage_name: cls for cls in (GlmImageARStage, GlmImageGlyphStage, GlmImageDiTStage, GlmImageVAEStage)}
+
+# GlmImage -> {stage name: patcher}. Weak keys: the patchers live exactly as long as the model object.
+_PATCHERS: "weakref.WeakKeyDictionary[object, dict[str, object]]" = weakref.WeakKeyDictionary()
+
+
+def available() -> bool:
+    """True inside ComfyUI (its ModelPatcher can be imported)."""
+    return comfy_services.stage_patcher_class() is not None
+
+
+def registered_patcher(model, stage: str):
+    """The patcher of a stage if the stage is loaded and registered with ComfyUI, else None."""
+    patcher = _PATCHERS.get(model, {}).get(stage)
+    module = model.stage_modules().get(stage)
+    if patcher is None or module is None or patcher.model.stage_module is not module:
+        return None
+    return patcher
+
+
+def patcher_for(model, stage: str):
+    """The patcher of a loaded stage, made on first use (and again if the stage was reloaded from disk)."""
+    patcher = registered_patcher(model, stage)
+    if patcher is None:
+        module = model.stage_modules()[stage]
+        patcher = comfy_services.stage_patcher_class()(
+            HOLDERS[stage](module), load_device=model.device, offload_device=comfy_services.offload_device())
+        _PATCHERS.setdefault(model, {})[stage] = patcher
+    return patcher
+
+
+def forget_unloaded(model) -> None:
+    """Drop patchers whose stage the model no longer holds (`GlmImage.unload`), so that they do not keep
+    its weights alive; ComfyUI's finalizer then removes them from its loaded list."""
+    patchers = _PATCHERS.get(model)
+    if patchers:
+        for stage in [s for s in patchers if registered_patcher(model, s) is None]:
+            del patchers[stage]
+
+
+def registered_stages(model) -> dict[str, object]:
+    """{stage: patcher} of the model's registered stages (for tests and diagnostics)."""
+    return {stage: patcher for stage in list(_PATCHERS.get(model, {}))
+            if (patcher := registered_patcher(model, stage)) is not None}
+
+
+def offload_stage(model, stage: str) -> bool:
+    """Move a loaded stage off the GPU: through its patcher when ComfyUI manages it (so ComfyUI's accounting
+    says it is no longer loaded), else with the core's own offload. True if the stage was loaded."""
+    if stage not in model.stage_modules():
+        return False
+    patcher = registered_patcher(model, stage)
+    if patcher is not None:
+        patcher.detach()  # what ComfyUI itself does to unload a model: weights to the offload device
+    else:
+        model.offload(stage)
+    return True
