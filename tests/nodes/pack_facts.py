@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,12 @@ EXPECTED_NODES = {
     "GLMImageLoader", "GLMImageEncode", "GLMImageGenerateTokens", "GLMImageDiTDecode",
     "GLMImageSaveTokens", "GLMImageLoadTokens", "GLMImagePreviewTokens",
 }
+
+
+def comfy_cli_executable() -> str | None:
+    """comfy-cli's `comfy`, installed beside this interpreter (the README's venv) or on PATH."""
+    beside = Path(sys.executable).parent / "comfy"
+    return str(beside) if beside.is_file() else shutil.which("comfy")
 
 
 def core_pipeline_available() -> bool:

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from tests.nodes.pack_facts import REPO_ROOT
+from tests.nodes.pack_facts import REPO_ROOT, comfy_cli_executable
 
 NOT_IN_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}  # ComfyUI's own builds; Manager rolls them back
 
@@ -40,7 +40,7 @@ def test_requirements_match_the_pyproject_dependencies():
 
 @pytest.fixture(scope="module")
 def clean_clone(tmp_path_factory):
-    if shutil.which("git") is None or shutil.which("comfy") is None:
+    if shutil.which("git") is None or comfy_cli_executable() is None:
         pytest.skip("needs git and comfy-cli (PyPI) on PATH")
     clone = tmp_path_factory.mktemp("registry") / "pack"
     subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True, timeout=120)
@@ -48,7 +48,7 @@ def clean_clone(tmp_path_factory):
 
 
 def comfy_cli(folder, *args):
-    return subprocess.run(["comfy", "--skip-prompt", "--no-enable-telemetry", "node", *args], cwd=folder,
+    return subprocess.run([comfy_cli_executable(), "--skip-prompt", "--no-enable-telemetry", "node", *args], cwd=folder,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 import tomllib
 
 import pytest
 
 from tests.harness import ui_to_api, validate_prompt, validate_ui_workflow
-from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, REPO_ROOT, SHIPPED_WORKFLOWS, WORKFLOWS_DIR
+from tests.nodes.pack_facts import (DEFAULT_MODEL_FOLDER, REPO_ROOT, SHIPPED_WORKFLOWS, WORKFLOWS_DIR,
+                                     comfy_cli_executable)
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
 WORKFLOW_NAMES = ["image_edit.json", "multi_subject.json", "text_to_image.json", "token_reuse.json"]
@@ -163,7 +163,7 @@ def test_api_validator_catches_what_the_server_rejects(ready):
                      ("7", "required_input_missing"), ("8", "invalid_prompt")}
 
 
-@pytest.mark.skipif(shutil.which("comfy") is None, reason="comfy-cli (PyPI) is not installed")
+@pytest.mark.skipif(comfy_cli_executable() is None, reason="comfy-cli (PyPI) is not installed")
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_comfy_cli_agrees(ready, tmp_path, name):
     """Second opinion from the official comfy-cli offline validator, UI and API format."""
@@ -171,7 +171,7 @@ def test_comfy_cli_agrees(ready, tmp_path, name):
     (tmp_path / "api.json").write_text(json.dumps(ui_to_api(load(name), ready)))
     for workflow in (WORKFLOWS_DIR / name, tmp_path / "api.json"):
         done = subprocess.run(
-            ["comfy", "--skip-prompt", "--no-enable-telemetry", "workflow", "validate", "--workflow", str(workflow),
+            [comfy_cli_executable(), "--skip-prompt", "--no-enable-telemetry", "workflow", "validate", "--workflow", str(workflow),
              "--input", str(tmp_path / "object_info.json")], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
 
