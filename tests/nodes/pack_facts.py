@@ -1,12 +1,10 @@
-"""Facts about the pack that the node tests check against, and the marker for tests that need the core."""
+"""Facts about the pack that the node tests check against."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
@@ -22,11 +20,3 @@ def comfy_cli_executable() -> str | None:
     """comfy-cli's `comfy`, installed beside this interpreter (the README's venv) or on PATH."""
     beside = Path(sys.executable).parent / "comfy"
     return str(beside) if beside.is_file() else shutil.which("comfy")
-
-
-def core_pipeline_available() -> bool:
-    return importlib.util.find_spec("glm_core.pipeline") is not None
-
-
-needs_core = pytest.mark.skipif(not core_pipeline_available(),
-                                reason="glm_core.pipeline does not exist yet (the core is being written)")

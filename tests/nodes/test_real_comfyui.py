@@ -30,12 +30,11 @@ import pytest
 from tests.harness import copy_pack, ui_to_api, validate_prompt
 from tests.harness.core_nodes import CORE_NODE_CLASS_MAPPINGS
 from tests.nodes.conftest import write_reference_images
-from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, EXPECTED_NODES, WORKFLOWS_DIR, needs_core
+from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, EXPECTED_NODES, WORKFLOWS_DIR
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 CHROMIUM = os.environ.get("COMFYUI_CHROMIUM")  # e.g. /usr/bin/chromium, for the frontend check
 pytestmark = [
-    needs_core,
     pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run the real-server "
                                                 "integration test (and COMFYUI_PYTHON to its interpreter)"),
 ]

@@ -20,9 +20,8 @@ import torch
 
 from tests.harness import ComfyStubs, Executor, class_mappings, object_info, ui_to_api, validate_prompt
 from tests.nodes.conftest import install_checkpoint, write_reference_images
-from tests.nodes.pack_facts import WORKFLOWS_DIR, needs_core
+from tests.nodes.pack_facts import WORKFLOWS_DIR
 
-pytestmark = needs_core
 
 SIZE = 512  # the smallest allowed size keeps the CPU runs short; the graphs are otherwise as shipped
 STEPS = 2
