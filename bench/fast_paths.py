@@ -110,14 +110,15 @@ def profile_table(fn, path: Path, rows: int = 25) -> str:
 
 
 def ar_decode_timing(model, prompt, *, compile: bool, steps: int, out: Path, tag: str, clock: Clock,
-                     fuse_qkv: bool = True) -> dict:
+                     fuse_qkv: bool = True, copies: int = 1) -> dict:
     """Set up generation like generate_sequences, warm up 3 steps, capture one step, time replays."""
     from glm_core.ar import sampling
     from glm_core.ar.decode import DecodeLoop, decode_layer_runner, prefill, prepare_prompt, setup_caches
 
-    plan = prepare_prompt(model, prompt.ours_inputs())
+    plan = prepare_prompt(model, prompt.ours_inputs(), copies)
     cache = setup_caches(model, plan.input_ids.shape[0], plan.input_ids.shape[1] + plan.num_new_tokens)
-    loop = DecodeLoop(model, plan, cache, generators=sampling.make_generators([0], model.device), temperature=0.9,
+    loop = DecodeLoop(model, plan, cache, generators=sampling.make_generators(list(range(copies)), model.device),
+                      temperature=0.9,
                       top_k=50, top_p=0.75, greedy=False, mask_grid=True,
                       run_layer=decode_layer_runner(model, compile, fuse_qkv=fuse_qkv))
     loop.first(prefill(model, plan, cache))
@@ -206,24 +207,75 @@ def phase_ar(args, device, clock: Clock, report: dict, out: Path) -> None:
                                 preview_side=2)
     forced = torch.randint(0, model.config.codebook_size, (1, small.num_new_tokens - 1), generator=gen)
     ar = report["ar"] = {"bytes_per_token": bytes_per_token}
+    from glm_core.ar import sampling
+
+    sampling.ONE_SORT_ON_CUDA = False  # "plain" = the code before the fast paths, sampler included
     ar["plain"] = ar_decode_timing(model, prompt, compile=False, steps=args.steps, out=out, tag="ar_plain",
                                    clock=clock)
     plain = ar_outputs(model, small, forced, compile=False)
     clock.log("  plain outputs done")
+    sampling.ONE_SORT_ON_CUDA = True
     if args.unfused:
         ar["compiled_unfused"] = ar_decode_timing(model, prompt, compile=True, steps=args.steps, out=out,
                                                   tag="ar_compiled_unfused", clock=clock, fuse_qkv=False)
-    ar["fast"] = ar_decode_timing(model, prompt, compile=True, steps=args.steps, out=out, tag="ar_fast",
-                                  clock=clock)
-    fast = ar_outputs(model, small, forced, compile=True)
+    from glm_core.ar import model as ar_model
+
+    for attention in args.attention:
+        ar_model.DECODE_ATTENTION = attention
+        tag = f"fast_{attention}"
+        ar[tag] = ar_decode_timing(model, prompt, compile=True, steps=args.steps, out=out, tag=f"ar_{tag}",
+                                   clock=clock)
+        fast = ar_outputs(model, small, forced, compile=True)
+        ar[f"check_{attention}"] = check_ar(model, small, forced, plain, fast)
+        clock.log(f"  check {attention}: {json.dumps(ar[f'check_{attention}'])}")
+        clock.save()
+    ar_model.DECODE_ATTENTION = args.attention[-1]
     ar["compiled_graphs"] = dict(counters["stats"])
     clock.log(f"  dynamo: {ar['compiled_graphs']}")
-    ar["check"] = {
+    if args.batch4:
+        for compile in (False, True):
+            sampling.ONE_SORT_ON_CUDA = compile
+            tag = f"batch4_{'fast' if compile else 'plain'}"
+            ar[tag] = ar_decode_timing(model, prompt, compile=compile, steps=args.steps // 2, out=out,
+                                       tag=f"ar_{tag}", clock=clock, copies=4)
+    if args.whole:
+        from glm_core.ar.decode import generate_sequences
+
+        for compile in (False, True):
+            if clock.left() < 40:
+                break
+            sampling.ONE_SORT_ON_CUDA = compile
+            t0 = time.perf_counter()
+            generate_sequences(model, prompt.ours_inputs(), seeds=[1], compile=compile)
+            ar[f"whole_1024_{'fast' if compile else 'plain'}_s"] = time.perf_counter() - t0
+            clock.log(f"  whole 1024² generation ({prompt.num_new_tokens} tokens), compile={compile}: "
+                      f"{time.perf_counter() - t0:.2f} s")
+            clock.save()
+    sampling.ONE_SORT_ON_CUDA = True
+    # the one-sort top-k/top-p filter against the two-step one on CUDA, bf16-rounded logits (many ties)
+
+    g = torch.Generator(device=device).manual_seed(5)
+    same = True
+    for scale in (1.0, 3.0, 10.0):
+        logits = (torch.randn(4, model.config.text.vision_vocab_size, device=device, generator=g) * scale)
+        logits = logits.to(BF16).float()
+        same &= torch.equal(sampling.filter_logits(logits, temperature=0.9, top_k=50, top_p=0.75, one_sort=True),
+                            sampling.filter_logits(logits, temperature=0.9, top_k=50, top_p=0.75, one_sort=False))
+    ar["one_sort_filter_identical_on_cuda"] = bool(same)
+    clock.log(f"  one-sort filter identical to two-step on CUDA: {same}")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_ar(model, small, forced, plain, fast) -> dict:
+    check = {
         "forced_logits_rel_err": rel_err(fast["logits"], plain["logits"]),
         "forced_argmax_equal": float((fast["logits"].argmax(-1) == plain["logits"].argmax(-1)).float().mean()),
         "greedy": compare_tokens(fast["greedy"], plain["greedy"]),
         "sampled": compare_tokens(fast["sampled"], plain["sampled"]),
     }
+    device = model.device
     # a bf16 noise scale for the logits: the plain path against itself through teacher_forced_logits
     # (one whole-sequence forward: other kernels, same weights)
     from glm_core.ar.decode import prepare_prompt, teacher_forced_logits
@@ -232,11 +284,10 @@ def phase_ar(args, device, clock: Clock, report: dict, out: Path) -> None:
     ids = torch.cat([plan.input_ids, forced.to(device)], dim=1)
     positions = torch.cat([plan.prefill_positions, plan.decode_positions[:, :, : forced.shape[1]]], dim=-1)
     whole = teacher_forced_logits(model, ids, positions)[:, plan.input_ids.shape[1] - 1:].float().cpu()
-    ar["check"]["noise_scale_whole_vs_cached_rel_err"] = rel_err(whole, plain["logits"])
-    clock.log(f"  check: {json.dumps(ar['check'])}")
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    check["noise_whole_vs_cached_plain_rel_err"] = rel_err(whole, plain["logits"])
+    check["noise_whole_vs_cached_plain_argmax_equal"] = float(
+        (whole.argmax(-1) == plain["logits"].argmax(-1)).float().mean())
+    return check
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +351,10 @@ def main() -> int:
     parser.add_argument("--dit-reps", type=int, default=5)
     parser.add_argument("--profile-dit", action="store_true")
     parser.add_argument("--unfused", action="store_true", help="also time the compiled layer without fused q/k/v")
+    parser.add_argument("--attention", type=lambda s: s.split(","), default=["sdpa"],
+                        help="DECODE_ATTENTION modes to time (the last one stays set)")
+    parser.add_argument("--batch4", action="store_true", help="also time batch-4 decode steps (plain, fast)")
+    parser.add_argument("--whole", action="store_true", help="also time whole 1024² generations (plain, fast)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: a smoke test of this script")
     args = parser.parse_args()
@@ -328,13 +383,14 @@ def main() -> int:
 def summary(report: dict) -> None:
     print(f"\n== {report['gpu']} ==")
     ar = report.get("ar", {})
-    for tag in ("plain", "compiled_unfused", "fast"):
+    for tag in ["plain", "compiled_unfused"] + [k for k in ar if k.startswith(("fast_", "batch4_"))]:
         if tag in ar:
             r = ar[tag]
             print(f"AR {tag:16s}: graph {r['graph_ms_per_step']:.2f} ms/token, eager {r['eager_ms_per_step']:.2f}, "
                   f"warm-up {r['warmup_3_steps_s']:.1f} s")
-    if "check" in ar:
-        print("AR check:", json.dumps(ar["check"]))
+    for key, value in ar.items():
+        if key.startswith(("check", "whole", "one_sort")):
+            print(f"AR {key}: {json.dumps(value)}")
     for size, r in report.get("dit", {}).items():
         print(f"DiT {size}²: eager {r.get('eager_s_per_step', float('nan')):.4f} s/step, compiled "
               f"{r.get('compiled_s_per_step', float('nan')):.4f} s/step (first call "

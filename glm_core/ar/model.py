@@ -33,6 +33,33 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+# How a decode token attends over the static KV cache inside the compiled decode layer (eager calls
+# always use "sdpa"): "sdpa" = one SDPA call with the group's query heads as rows (a cuDNN kernel with
+# only B * kv_heads thread blocks: 32 µs per layer on an H200 at 1382 keys), "gqa" = SDPA over all
+# query heads with enable_gqa (6.7 µs), "reduce" = fp32 products and sums that inductor turns into
+# reduction kernels (slow at batch 4). bench/fast_paths.py, H200, ms per decode token: 7.18 / 6.14 / 6.93.
+DECODE_ATTENTION = "gqa"
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One decode token. q (B, kv_heads, group, d): the query heads sharing a kv head as rows;
+    k, v (B, kv_heads, S, d); mask (B, 1, 1, S) bool or None -> (B, kv_heads, group, d)."""
+    mode = DECODE_ATTENTION if torch.compiler.is_compiling() else "sdpa"
+    if mode == "gqa":
+        b, kv_heads, group, d = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(b, kv_heads * group, 1, d), k, v, attn_mask=mask,
+                                             enable_gqa=True)  # (B, heads, 1, d)
+        return out.view(b, kv_heads, group, d)
+    if mode == "reduce":
+        scale = q.shape[-1] ** -0.5
+        scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * scale  # (B, kv, g, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return (probs[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(q.dtype)  # (B, kv, g, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Non-interleaved rotate-half over the first rotary_dim dims; the rest pass through.
 
@@ -60,6 +87,13 @@ class TextAttention(nn.Module):
         # the checkpoint key names stay). Non-persistent: never in the state dict.
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .float() / ... convert each parameter on its own, which would leave the fused copy and
+        # three separate ones (twice the q/k/v memory, e.g. after offloading to the CPU): drop the fused
+        # copy first; the decode loop fuses again on its next call.
+        self.qkv_weight = self.qkv_bias = None
+        return super()._apply(fn, recurse)
 
     def _qkv_parts(self):
         return [(self.q_proj, "weight"), (self.k_proj, "weight"), (self.v_proj, "weight")], \
@@ -130,7 +164,7 @@ class TextAttention(nn.Module):
             # one decode token: the `group` query heads sharing a kv head become `group` query rows
             # against that head's keys, so no kernel has to expand the cache (q head h uses kv head h // group)
             q = q.view(b, self.num_kv_heads, group, self.head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, kv, group, d)
+            out = decode_attention(q, k, v, attn_mask)  # (B, kv, group, d)
             return self.o_proj(out.reshape(b, 1, -1))
         if attn_mask is None:  # unpadded prompt: plain causal attention (flash kernels, native GQA)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)

@@ -57,10 +57,21 @@ def test_fused_qkv_views_keep_keys_and_memory(models):
     model.fuse_projections()
     assert attn.qkv_fused()
     torch.testing.assert_close(attn._project_qkv(x)[1], attn.k_proj(x))
+    # moving / converting the model drops the fused copy (no second copy of q/k/v after an offload)
+    model.to(torch.float64)
+    assert attn.qkv_weight is None and not attn.qkv_fused()
+    assert attn.q_proj.weight.dtype == torch.float64
+    torch.testing.assert_close(attn._project_qkv(x.double())[0], attn.q_proj(x.double()))
+    model.fuse_projections()
+    assert attn.qkv_fused() and attn.qkv_weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "gqa", "reduce"])
 @pytest.mark.parametrize("case", ["t2i", "edit_2ref", "t2i_batch_padded"])
-def test_compiled_decode_layer_same_logits(models, case):
+def test_compiled_decode_layer_same_logits(models, case, attention, monkeypatch):
+    from glm_core.ar import model as ar_model
+
+    monkeypatch.setattr(ar_model, "DECODE_ATTENTION", attention)
     ours, _, _ = models
     inputs = build(models, case)
     plan = prepare_prompt(ours, inputs)
@@ -162,3 +173,27 @@ def test_compile_failure_falls_back_to_eager():
     with pytest.warns(RuntimeWarning, match="running eagerly"):
         assert wrapper(torch.ones(1)).item() == 2
     assert wrapper.failed and wrapper(torch.ones(1)).item() == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_sort_top_k_top_p_equals_two_steps(seed):
+    """The one-sort top-k + top-p filter (used on CUDA) keeps the same number of ids with the same
+    values as the two separate filters, also with many ties (bf16-rounded logits) and grid-masked
+    (-inf) ids. Which of exactly tied ids is kept follows the sort's tie order; the CPU sort is not
+    stable, so only values are compared here (bench/fast_paths.py checks ids on the GPU)."""
+    from glm_core.ar import sampling
+
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(3, 16512, generator=g) * (1 + seed)).to(torch.bfloat16).float()
+    logits[:, 16384:] = float("-inf")
+    for top_k, top_p in ((50, 0.75), (1, 0.9), (300, 0.3), (50, 0.999)):
+        two_step = sampling.filter_logits(logits, temperature=0.9, top_k=top_k, top_p=top_p, one_sort=False)
+        one_sort = sampling.filter_logits(logits, temperature=0.9, top_k=top_k, top_p=top_p, one_sort=True)
+        for a, b in zip(one_sort, two_step):
+            kept_a, kept_b = a[~torch.isinf(a)], b[~torch.isinf(b)]
+            assert torch.equal(kept_a.sort().values, kept_b.sort().values), (top_k, top_p)
+    # fp32 logits without ties: the very same ids
+    logits = torch.randn(3, 16512, generator=g) * (1 + seed)
+    for top_k, top_p in ((50, 0.75), (300, 0.3)):
+        assert torch.equal(sampling.filter_logits(logits, temperature=0.9, top_k=top_k, top_p=top_p, one_sort=True),
+                           sampling.filter_logits(logits, temperature=0.9, top_k=top_k, top_p=top_p, one_sort=False))
