@@ -335,6 +335,30 @@ def phase_dit(args, device, clock: Clock, report: dict, out: Path) -> None:
         entry["compiled_graphs_so_far"] = dict(counters["stats"])
         clock.save()
         clock.log(f"  DiT {size}²: compiled vs eager velocity rel err {entry['velocity_rel_err']:.2e}")
+    if args.dit_edit and clock.left() > 45:
+        # editing: reference K/V written by compiled blocks, then a guided step that reads them
+        size = args.dit_sizes[0]
+        x = workloads.dit_inputs(cfgs.dit, size, size, glyph_tokens=64, generator=gen)
+        latent = workloads.dit_inputs(cfgs.dit, size, size, glyph_tokens=1, generator=gen).latents.to(device, BF16)
+        prior = workloads.upsampled_prior(size // 32, size // 32, int(cfgs.dit["prior_vq_quantizer_codebook_size"]),
+                                          gen).to(device)
+        got = {}
+        for compile in (False, True):
+            dit.compile_blocks = compile
+            t0 = time.perf_counter()
+            kv = dit.encode_references([latent], [prior], [(size, size)])
+            timestep = torch.full((1,), x.timestep, device=device)
+            got[compile] = (kv, dit.predict_velocity(x.latents.to(device, BF16), x.glyph.to(device, BF16),
+                                                     x.negative_glyph.to(device, BF16), x.prior_ids.to(device),
+                                                     timestep, (size, size), guidance=1.5, reference_kv=kv))
+            sync(device)
+            res[f"edit_{size}_{'compiled' if compile else 'eager'}_first_s"] = time.perf_counter() - t0
+        res[f"edit_{size}_keys_rel_err"] = max(rel_err(a, b) for a, b in zip(got[True][0].keys, got[False][0].keys))
+        res[f"edit_{size}_velocity_rel_err"] = rel_err(got[True][1], got[False][1])
+        res["compiled_graphs_after_edit"] = dict(counters["stats"])
+        clock.log(f"  DiT edit {size}²: keys rel err {res[f'edit_{size}_keys_rel_err']:.2e}, velocity rel err "
+                  f"{res[f'edit_{size}_velocity_rel_err']:.2e}, graphs {res['compiled_graphs_after_edit']}")
+        clock.save()
     dit.compile_blocks = None
     del dit
     if device.type == "cuda":
@@ -350,6 +374,7 @@ def main() -> int:
     parser.add_argument("--dit-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1024])
     parser.add_argument("--dit-reps", type=int, default=5)
     parser.add_argument("--profile-dit", action="store_true")
+    parser.add_argument("--dit-edit", action="store_true", help="also check editing (reference K/V) compiled vs eager")
     parser.add_argument("--unfused", action="store_true", help="also time the compiled layer without fused q/k/v")
     parser.add_argument("--attention", type=lambda s: s.split(","), default=["sdpa"],
                         help="DECODE_ATTENTION modes to time (the last one stays set)")
@@ -392,6 +417,9 @@ def summary(report: dict) -> None:
         if key.startswith(("check", "whole", "one_sort")):
             print(f"AR {key}: {json.dumps(value)}")
     for size, r in report.get("dit", {}).items():
+        if not size.isdigit():
+            print(f"DiT {size}: {json.dumps(r)}")
+            continue
         print(f"DiT {size}²: eager {r.get('eager_s_per_step', float('nan')):.4f} s/step, compiled "
               f"{r.get('compiled_s_per_step', float('nan')):.4f} s/step (first call "
               f"{r.get('compiled_first_call_s', float('nan')):.1f} s), rel err {r.get('velocity_rel_err', float('nan')):.2e}")

@@ -198,6 +198,11 @@ class Attention(nn.Module):
         return self.to_out[0](out), own_kv
 
 
+def _mark_dynamic(tensor: torch.Tensor | None, dim: int) -> None:
+    if tensor is not None:
+        torch._dynamo.maybe_mark_dynamic(tensor, dim % tensor.dim())
+
+
 def _per_stream(text_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
     return torch.cat([text_part, image_part], dim=1)
 
@@ -354,8 +359,19 @@ class GlmImageDiT(nn.Module):
     def _run_blocks(self, tokens, text_len, temb, rope, reference_kv, key_mask, collect_kv: bool):
         collected_keys, collected_values = [], []
         run_block = self._block_runner()
+        compiled_blocks = run_block is not DiTBlock.__call__
+        if compiled_blocks:
+            # token counts symbolic (else dynamo specialises them through the RoPE broadcast): one
+            # compiled graph per pass kind serves every resolution instead of a recompile per size
+            _mark_dynamic(tokens, 1)
+            _mark_dynamic(rope[0], 0)
+            _mark_dynamic(rope[1], 0)
+            _mark_dynamic(key_mask, -1)
         for index, block in enumerate(self.transformer_blocks):
             reference = reference_kv.layer(index) if reference_kv is not None else None
+            if compiled_blocks and reference is not None:
+                _mark_dynamic(reference[0], 2)
+                _mark_dynamic(reference[1], 2)
             tokens, (key, value) = run_block(block, tokens, text_len, temb, rope, reference, key_mask)
             if collect_kv:
                 collected_keys.append(key)
