@@ -37,22 +37,27 @@ def default_device() -> torch.device:
 class GlmImage:
     """A GLM-Image checkpoint folder with its stages loaded on demand."""
 
-    def __init__(self, checkpoint: CheckpointFolder, device: torch.device, dtype: torch.dtype):
+    def __init__(self, checkpoint: CheckpointFolder, device: torch.device, dtype: torch.dtype,
+                 compile: bool | None = None):
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = dtype
+        # torch.compile of the AR decode layer and the DiT blocks: None = on for CUDA unless
+        # GLM_CORE_NO_COMPILE=1 (glm_core.compiling); costs ~30 s of compiling on first use per process.
+        self.compile = compile
         self.processor = PromptProcessor.from_folder(checkpoint.root)
         self.scheduler_config = SchedulerConfig.from_dict(checkpoint.read_config("scheduler", "scheduler_config.json"))
         self._modules: dict[str, torch.nn.Module] = {}
 
     @classmethod
-    def from_folder(cls, folder, *, device=None, dtype: torch.dtype | None = None) -> "GlmImage":
+    def from_folder(cls, folder, *, device=None, dtype: torch.dtype | None = None,
+                    compile: bool | None = None) -> "GlmImage":
         """Validate the folder and read its configs; no weights are read until a stage runs."""
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             # bf16 is the checkpoint's own dtype; on the CPU fp32 is both faster and exact.
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return cls(open_checkpoint(folder), device, dtype)
+        return cls(open_checkpoint(folder), device, dtype, compile)
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -64,6 +69,8 @@ class GlmImage:
         if module is None:
             loader = {"ar": load_ar, "glyph": load_glyph_encoder, "dit": load_dit, "vae": load_vae}[name]
             module = loader(self.checkpoint.root, self.device, self.dtype)
+            if name == "dit":
+                module.compile_blocks = self.compile
             self._modules[name] = module
         elif _module_device(module) != self.device:
             module.to(self.device)
@@ -145,7 +152,7 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
     inputs = inputs.to(model.device)
     tokens = ar_generate_tokens(ar, inputs, seeds=[seed + i for i in range(batch_size)],
                                 temperature=temperature, top_p=top_p, top_k=top_k,
-                                progress=progress, interrupt=interrupt)
+                                progress=progress, interrupt=interrupt, compile=model.compile)
     tokens.reference_sizes = cond.reference_sizes
     if cond.references:
         # The DiT conditions each reference on its own VQ ids (spec §2.2 step 3); the AR computed them

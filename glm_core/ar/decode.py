@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import sampling
-from .compiling import compile_wanted, compiled
+from ..compiling import compile_wanted, compiled
 from .model import GlmImageAR, TextDecoderLayer
 from .positions import batch_positions
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ar.compiling import compile_wanted, compiled
+from ..compiling import compile_wanted, compiled
 from .config import DiTConfig
 from .reference_kv import ReferenceKV
 from ..schedule import guided_velocity, uses_guidance
@@ -322,7 +322,7 @@ class GlmImageDiT(nn.Module):
         self.norm_out = AdaLayerNormOut(config.time_embed_dim, dim, config.norm_eps)
         self.proj_out = nn.Linear(dim, config.patch_size ** 2 * config.out_channels)
         # torch.compile each block (one shared compiled graph for all blocks): True / False, or None =
-        # on for CUDA unless GLM_CORE_NO_COMPILE=1 (`glm_core.ar.compiling`). Not module state.
+        # on for CUDA unless GLM_CORE_NO_COMPILE=1 (`glm_core.compiling`). Not module state.
         self.compile_blocks: bool | None = None
         self.compile_backend = "inductor"
 

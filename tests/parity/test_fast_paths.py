@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from glm_core.ar import compiling
+from glm_core import compiling
 from glm_core.ar.decode import cached_forced_logits, generate_sequences, prepare_prompt
 from glm_core.ar.model import load_ar
 from tests.parity.test_ar_model import _one_thread, build, rel_err  # noqa: F401
