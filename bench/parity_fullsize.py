@@ -257,6 +257,11 @@ def phase_ar(p: Parity, clock: Deadline) -> None:
             logits = cached_forced_logits(ours, prompt.ours_inputs(), forced).float()[0].cpu()
             p.record("ar.teacher_forced_cached.ours", compare_logits(logits, r32["forced"]))
             del logits
+            if device.type == "cuda" and clock.remaining() > estimate + 40:
+                # the path generate_tokens takes on a GPU: fused q/k/v + the torch.compile'd decode layer
+                logits = cached_forced_logits(ours, prompt.ours_inputs(), forced, compile=True).float()[0].cpu()
+                p.record("ar.teacher_forced_cached_compiled.ours", compare_logits(logits, r32["forced"]))
+                del logits
         else:
             p.report.note(f"AR cached-decode teacher forcing skipped: {clock.remaining():.0f}s left in the "
                           f"phase, ~{estimate:.0f}s needed")
@@ -378,6 +383,7 @@ def phase_vae(p: Parity, clock: Deadline) -> None:
 
 AR_ROWS = [("teacher_forced", "AR teacher-forced logits, whole 1024² t2i generation"),
            ("teacher_forced_cached", "AR teacher-forced logits through our cached decode path"),
+           ("teacher_forced_cached_compiled", "same, with the compiled decode layer (the GPU default)"),
            ("prefill", "AR prefill logits, t2i prompt (all prompt rows)"),
            ("prefill_last_row_cached", "AR prefill last row through our cached prefill"),
            ("edit_prefill", "AR prefill logits, editing prompt (one 1024² ref, fp32 VQ ids)")]
