@@ -339,8 +339,9 @@ def phase_dit(p: Parity, clock: Deadline) -> None:
         for key in r32:
             p.record(f"dit.{key}.ours", compare(results[key], r32[key]))
             p.record(f"dit.{key}.ours_vs_reference_bf16", compare(results[key], r16[key]))
-        p.report.note("DiT ours: guided velocities come from predict_velocity's default (cond and uncond "
-                      "batched into one forward); cond/uncond rows are single forwards.")
+        p.report.note("DiT ours: guided velocities come from predict_velocity with its default CFG mode "
+                      "(two forwards), on CUDA through the torch.compile'd blocks (the default); cond/uncond "
+                      "rows are single forwards.")
 
 
 # --------------------------------------------------------------------------------------------
