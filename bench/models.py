@@ -254,34 +254,31 @@ def reference_ar(config: dict, device, dtype: torch.dtype, seed: int, folder: Pa
     return model.eval().requires_grad_(False)
 
 
-def reference_dit(config: dict, device, dtype: torch.dtype, seed: int, folder: Path | None = None):
-    from diffusers import GlmImageTransformer2DModel
-
+def _reference_diffusers_model(model_class, subfolder: str, config: dict, device, dtype: torch.dtype, seed: int,
+                                folder: Path | None):
+    """A diffusers model in eval mode: from `folder/subfolder`, or built from `config` with random weights."""
     device = torch.device(device)
     if folder is not None:
-        model = GlmImageTransformer2DModel.from_pretrained(Path(folder), subfolder="transformer", torch_dtype=dtype)
+        model = model_class.from_pretrained(Path(folder), subfolder=subfolder, torch_dtype=dtype)
         return model.to(device).eval().requires_grad_(False)
     with torch.device("meta"):
-        model = GlmImageTransformer2DModel.from_config(copy.deepcopy(config))
+        model = model_class.from_config(copy.deepcopy(config))
     materialize_(model, device, dtype)
     init_reference_buffers_(model)
     random_init_(model, seed)
     return model.eval().requires_grad_(False)
+
+
+def reference_dit(config: dict, device, dtype: torch.dtype, seed: int, folder: Path | None = None):
+    from diffusers import GlmImageTransformer2DModel
+
+    return _reference_diffusers_model(GlmImageTransformer2DModel, "transformer", config, device, dtype, seed, folder)
 
 
 def reference_vae(config: dict, device, dtype: torch.dtype, seed: int, folder: Path | None = None):
     from diffusers import AutoencoderKL
 
-    device = torch.device(device)
-    if folder is not None:
-        model = AutoencoderKL.from_pretrained(Path(folder), subfolder="vae", torch_dtype=dtype)
-        return model.to(device).eval().requires_grad_(False)
-    with torch.device("meta"):
-        model = AutoencoderKL.from_config(copy.deepcopy(config))
-    materialize_(model, device, dtype)
-    init_reference_buffers_(model)
-    random_init_(model, seed)
-    return model.eval().requires_grad_(False)
+    return _reference_diffusers_model(AutoencoderKL, "vae", config, device, dtype, seed, folder)
 
 
 @torch.no_grad()
@@ -340,3 +337,10 @@ def ours_vae(config: dict, reference: nn.Module, device):
 
 def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def configs_for(args):
+    """The configuration a bench run uses: a real folder's (--model), the tiny one (--tiny), or the real sizes."""
+    if args.model:
+        return folder_configs(args.model)
+    return tiny_configs() if args.tiny else real_configs()

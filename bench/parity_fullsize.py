@@ -115,12 +115,7 @@ def compare_images(test: torch.Tensor, ref: torch.Tensor) -> dict:
 class Parity:
     def __init__(self, args, device: torch.device, report: Report, deadline: Deadline):
         self.args, self.device, self.report, self.deadline = args, device, report, deadline
-        if args.model:
-            self.configs = models.folder_configs(args.model)
-        elif args.tiny:
-            self.configs = models.tiny_configs()
-        else:
-            self.configs = models.real_configs()
+        self.configs = models.configs_for(args)
         self.folder = Path(args.model) if args.model else None
         self.sizes = workloads.TINY_SIZES if args.tiny else workloads.Sizes()
 

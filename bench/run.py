@@ -85,12 +85,7 @@ REQUIRED_KEYS = ["ar_ms_per_token", "ar_ms_per_token_batch4", "ar_s_t2i_1024", "
 class Bench:
     def __init__(self, args, device: torch.device, report: Report, deadline: Deadline):
         self.args, self.device, self.report, self.deadline = args, device, report, deadline
-        if args.model:
-            self.configs = models.folder_configs(args.model)
-        elif args.tiny:
-            self.configs = models.tiny_configs()
-        else:
-            self.configs = models.real_configs()
+        self.configs = models.configs_for(args)
         self.folder = Path(args.model) if args.model else None
         self.sizes = workloads.TINY_SIZES if args.tiny else workloads.Sizes()
         self.gen = torch.Generator().manual_seed(args.seed)
