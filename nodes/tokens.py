@@ -122,7 +122,7 @@ class GlmImagePreviewTokens:
     FUNCTION = "preview"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("preview",)
-    OUTPUT_TOOLTIPS = ("One colour-map picture per token grid; similar colours are similar tokens.",)
+    OUTPUT_TOOLTIPS = ("One colour-map picture per token grid; equal tokens share a colour (colours carry no other meaning).",)
 
     @classmethod
     def INPUT_TYPES(cls):
