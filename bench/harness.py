@@ -452,3 +452,31 @@ def start_run(args: argparse.Namespace) -> tuple["Deadline", torch.device]:
     if device.type == "cpu":
         torch.set_num_threads(1)  # a shared CPU: thread oversubscription made tiny runs 10-20x slower
     return deadline, device
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown shared by the reports
+
+
+def markdown_header(title: str, data: dict) -> list[str]:
+    """Title, GPU, date, command and library versions of a run."""
+    versions = data.get("reference_versions") or {}
+    return [f"# {title} ({data.get('mode', '')})", "",
+            f"- GPU: {data.get('gpu')}", f"- date: {data.get('date')}", f"- command: `{data.get('command')}`",
+            "- versions: " + ", ".join(f"{k} {versions.get(k)}"
+                                       for k in ("torch", "cuda", "transformers", "diffusers", "python"))]
+
+
+def markdown_tail(data: dict) -> list[str]:
+    """Notes, per-phase status and errors of a run."""
+    lines: list[str] = []
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    phases = data.get("phases") or {}
+    if phases:
+        lines += ["## Phases", "", "| phase | status | seconds |", "|---|---|---|"]
+        lines += [f"| {k} | {v.get('status')} | {v.get('seconds', '')} |" for k, v in phases.items()]
+        lines.append("")
+    if data.get("errors"):
+        lines += ["## Errors", ""] + [f"- {e['phase']}: {e['error']}" for e in data["errors"]] + [""]
+    return lines

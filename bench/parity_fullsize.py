@@ -397,11 +397,7 @@ def _ratio(ours: dict | None, ref: dict | None) -> str:
 
 
 def render_markdown(data: dict) -> str:
-    lines = [f"# GLM-Image full-size bf16 parity: glm_core vs reference ({data.get('mode', '')})", "",
-             f"- GPU: {data.get('gpu')}", f"- date: {data.get('date')}", f"- command: `{data.get('command')}`"]
-    versions = data.get("reference_versions") or {}
-    lines.append("- versions: " + ", ".join(f"{k} {versions.get(k)}" for k in
-                                            ("torch", "cuda", "transformers", "diffusers", "python")))
+    lines = harness.markdown_header("GLM-Image full-size bf16 parity: glm_core vs reference", data)
     lines += ["- every error is relative to the reference in fp32 (TF32 off) on the same bf16-valued weights; "
               "'ours / yardstick' = our rel error over the reference's own bf16 rel error "
               "(≈1: as faithful as bf16 allows; ≥ 2: look for a bug). Rows `ours_vs_reference_bf16` compare "
@@ -444,15 +440,7 @@ def render_markdown(data: dict) -> str:
                              f"{_ratio(r, entry.get('reference_bf16')) if side == 'ours' else '–'} | "
                              f"{YARDSTICK_DOC.get(f'{doc_prefix}.{key}', '') if side == 'reference_bf16' else ''} |")
         lines.append("")
-    if data.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
-    phases = data.get("phases") or {}
-    if phases:
-        lines += ["## Phases", "", "| phase | status | seconds |", "|---|---|---|"]
-        lines += [f"| {k} | {v.get('status')} | {v.get('seconds', '')} |" for k, v in phases.items()]
-        lines.append("")
-    if data.get("errors"):
-        lines += ["## Errors", ""] + [f"- {e['phase']}: {e['error']}" for e in data["errors"]] + [""]
+    lines += harness.markdown_tail(data)
     return "\n".join(lines)
 
 

@@ -489,25 +489,13 @@ def summarise(b: Bench) -> None:
 
 
 def render_markdown(data: dict) -> str:
-    lines = [f"# GLM-Image benchmark: glm_core vs reference ({data.get('mode', '')})", "",
-             f"- GPU: {data.get('gpu')}", f"- date: {data.get('date')}", f"- command: `{data.get('command')}`"]
-    versions = data.get("reference_versions") or {}
-    lines.append("- versions: " + ", ".join(f"{k} {versions.get(k)}" for k in
-                                            ("torch", "cuda", "transformers", "diffusers", "python")))
+    lines = harness.markdown_header("GLM-Image benchmark: glm_core vs reference", data)
     ceilings = data.get("ceilings") or {}
     if ceilings:
         lines.append(f"- ceilings (measured in this run): bf16 matmul 8192³ {fmt(ceilings.get('matmul_tflops'))} "
                      f"TFLOP/s, device-to-device copy {fmt(ceilings.get('copy_gbps'))} GB/s (read + write)")
     lines += ["", table_markdown(data), ""]
-    if data.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
-    phases = data.get("phases") or {}
-    if phases:
-        lines += ["## Phases", "", "| phase | status | seconds |", "|---|---|---|"]
-        lines += [f"| {k} | {v.get('status')} | {v.get('seconds', '')} |" for k, v in phases.items()]
-        lines.append("")
-    if data.get("errors"):
-        lines += ["## Errors", ""] + [f"- {e['phase']}: {e['error']}" for e in data["errors"]] + [""]
+    lines += harness.markdown_tail(data)
     return "\n".join(lines)
 
 
