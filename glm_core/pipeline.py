@@ -7,7 +7,7 @@ DiT runs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,17 +150,20 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
     inputs = model.processor.build_inputs([cond.prompt] * batch_size, cond.height, cond.width, references)
     ar = model.stage("ar")
     inputs = inputs.to(model.device)
+    reference_grid_ids = []
+    if cond.references:
+        # One vision pass for the references, shared by the AR prompt of every batch item and by the DiT,
+        # which conditions each reference on its own VQ ids (spec §2.2 step 3).
+        grids = [tuple(g) for g in inputs.reference_grids[: len(cond.references)]]
+        sizes = [h * w for h, w in grids]
+        ids = ar.image_token_ids(inputs.pixel_values[: sum(sizes)], grids)  # (Σ h·w,)
+        inputs = replace(inputs, reference_ids=ids.repeat(batch_size))
+        reference_grid_ids = [part.view(h, w) for part, (h, w) in zip(ids.cpu().split(sizes), grids)]
     tokens = ar_generate_tokens(ar, inputs, seeds=[seed + i for i in range(batch_size)],
                                 temperature=temperature, top_p=top_p, top_k=top_k,
                                 progress=progress, interrupt=interrupt, compile=model.compile)
     tokens.reference_sizes = cond.reference_sizes
-    if cond.references:
-        # The DiT conditions each reference on its own VQ ids (spec §2.2 step 3); the AR computed them
-        # during prefill, recomputing here keeps the decode loop free of that bookkeeping.
-        grids = [tuple(g) for g in inputs.reference_grids[: len(cond.references)]]
-        rows = inputs.pixel_values[: sum(h * w for h, w in grids)]
-        ids = ar.image_token_ids(rows, grids).cpu()
-        tokens.reference_grid_ids = [part.view(h, w) for part, (h, w) in zip(ids.split([h * w for h, w in grids]), grids)]
+    tokens.reference_grid_ids = reference_grid_ids
     return tokens
 
 

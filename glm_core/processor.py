@@ -219,6 +219,9 @@ class ARInputs:
     reference_grids: list[tuple[int, int]]  # (gh, gw) per reference, all samples in batch order
     height: int
     width: int
+    # (Σ gh·gw,) VQ ids of pixel_values' rows when the caller already has them: the AR then skips its
+    # own vision pass (the pipeline needs the ids for the DiT too, so it computes them once).
+    reference_ids: torch.Tensor | None = None
 
     @property
     def is_text_to_image(self) -> bool:
@@ -233,6 +236,7 @@ class ARInputs:
             image_grid_thw=self.image_grid_thw.to(device),
             images_per_sample=self.images_per_sample.to(device),
             pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
+            reference_ids=None if self.reference_ids is None else self.reference_ids.to(device),
         )
 
 

@@ -126,21 +126,29 @@ def _grids_per_sample(image_grid_thw, images_per_sample, batch: int) -> list[lis
 
 
 def replace_image_placeholders(
-    model: GlmImageAR, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, source_grids: Sequence[Grid]
+    model: GlmImageAR, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, source_grids: Sequence[Grid],
+    reference_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write the reference images' VQ ids over the `<|image|>` placeholders (spec §1.2.7)."""
+    """Write the reference images' VQ ids over the `<|image|>` placeholders (spec §1.2.7).
+
+    `reference_ids` (Σ h·w,), when given, are those ids already computed from `pixel_values`."""
     placeholder = input_ids == model.config.image_token_id
     count = int(placeholder.sum())
     expected = sum(h * w for h, w in source_grids)
-    if count != expected or (count and pixel_values is None):
+    have_images = pixel_values is not None or reference_ids is not None
+    if count != expected or (count and not have_images):
         raise ValueError(
             f"the prompt has {count} <|image|> placeholders but the reference grids {list(source_grids)} "
-            f"need {expected}{'' if pixel_values is not None else ' and no pixel_values were given'}"
+            f"need {expected}{'' if have_images else ' and no pixel_values were given'}"
         )
     if count == 0:
         return input_ids
-    ids = model.image_token_ids(pixel_values, source_grids).to(input_ids.device)
-    return input_ids.masked_scatter(placeholder, ids)
+    if reference_ids is None:
+        reference_ids = model.image_token_ids(pixel_values, source_grids)
+    elif reference_ids.numel() != expected:
+        raise ValueError(f"{reference_ids.numel()} precomputed reference ids for grids {list(source_grids)} "
+                         f"that need {expected}")
+    return input_ids.masked_scatter(placeholder, reference_ids.to(input_ids.device))
 
 
 def prepare_prompt(model: GlmImageAR, ar_inputs, num_copies: int = 1) -> PromptPlan:
@@ -156,7 +164,8 @@ def prepare_prompt(model: GlmImageAR, ar_inputs, num_copies: int = 1) -> PromptP
     num_generated = 2 if preview is not None else 1
     source_grids = [g for sample in grids for g in sample[: len(sample) - num_generated]]
 
-    input_ids = replace_image_placeholders(model, input_ids, getattr(ar_inputs, "pixel_values", None), source_grids)
+    input_ids = replace_image_placeholders(model, input_ids, getattr(ar_inputs, "pixel_values", None), source_grids,
+                                           getattr(ar_inputs, "reference_ids", None))
     prefill_pos, decode_pos = batch_positions(
         input_ids.cpu(),
         mask.cpu(),

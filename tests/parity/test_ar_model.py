@@ -131,6 +131,20 @@ def test_reference_image_ids_match_reference(models, case):
     assert expected.unique().numel() > 8, "VQ ids degenerate: the comparison would be weak"
 
 
+def test_precomputed_reference_ids_fill_the_prompt_like_the_vision_pass(models):
+    """The pipeline hands the AR the references' VQ ids it already computed: same prompt ids, no second pass;
+    ids of the wrong length are refused."""
+    ours, _, _ = models
+    inputs = build(models, "edit_2ref")
+    computed = prepare_prompt(ours, inputs).input_ids
+    inputs.reference_ids = ours.image_token_ids(inputs.pixel_values, inputs.reference_grids)
+    inputs.pixel_values = None  # proves the precomputed ids are what got used
+    assert torch.equal(prepare_prompt(ours, inputs).input_ids, computed)
+    inputs.reference_ids = inputs.reference_ids[:-1]
+    with pytest.raises(ValueError, match="precomputed reference ids"):
+        prepare_prompt(ours, inputs)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_positions_match_reference(models, case):
     ours, ref, _ = models
