@@ -480,3 +480,13 @@ def markdown_tail(data: dict) -> list[str]:
     if data.get("errors"):
         lines += ["## Errors", ""] + [f"- {e['phase']}: {e['error']}" for e in data["errors"]] + [""]
     return lines
+
+
+def finish(report: "Report", name: str, clock: "Deadline") -> dict:
+    """Print the phases that failed and where the results went; the report's data for the caller."""
+    if report.data["errors"]:
+        print(f"\n{len(report.data['errors'])} phase(s) reported errors: "
+              + "; ".join(f"{e['phase']}: {e['error']}" for e in report.data["errors"]), flush=True)
+    if report.out_dir:
+        log(f"wrote {report.out_dir / (name + '.json')} and {name}.md", clock)
+    return report.data

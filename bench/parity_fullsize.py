@@ -503,12 +503,7 @@ def main(argv=None) -> dict:
         runner.run(name, lambda fn=fn, cap=cap: fn(parity, Deadline(cap)),
                    share=min(1.0, cap / max(deadline.remaining(), 1e-3)), min_s=min(30.0, cap / 3))
     print("\n" + summary_text(report.data), flush=True)
-    if report.data["errors"]:
-        print(f"\n{len(report.data['errors'])} phase(s) reported errors: "
-              + "; ".join(f"{e['phase']}: {e['error']}" for e in report.data["errors"]), flush=True)
-    if report.out_dir:
-        log(f"wrote {report.out_dir / 'parity.json'} and parity.md", deadline)
-    return report.data
+    return harness.finish(report, "parity", deadline)
 
 
 if __name__ == "__main__":

@@ -628,12 +628,7 @@ def main(argv=None) -> dict:
     print(f"\n{report.data['gpu']}, {report.data['date']}; ceilings: bf16 matmul {fmt(ceilings.get('matmul_tflops'))} "
           f"TFLOP/s, copy {fmt(ceilings.get('copy_gbps'))} GB/s; configuration: {bench.configs.source}", flush=True)
     print(table_text(report.data), flush=True)
-    if report.data["errors"]:
-        print(f"\n{len(report.data['errors'])} phase(s) reported errors: "
-              + "; ".join(f"{e['phase']}: {e['error']}" for e in report.data["errors"]), flush=True)
-    if report.out_dir:
-        log(f"wrote {report.out_dir / 'bench.json'} and bench.md", deadline)
-    return report.data
+    return harness.finish(report, "bench", deadline)
 
 
 if __name__ == "__main__":
