@@ -28,9 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ar-seed", type=int, default=None, help="seed of the AR token sampling (default: --seed)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--temperature", type=float, default=0.9)
-    parser.add_argument("--top-p", type=float, default=0.75)
-    parser.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None, help="0 disables top-k")
     parser.add_argument("--batch", type=int, default=1, help="images from one prompt (AR seeds ar-seed, ar-seed+1, ...)")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         cond = encode_prompt(model, args.prompt, width, height, references)
         ar_seed = args.seed if args.ar_seed is None else args.ar_seed
         tokens = generate_tokens(model, cond, seed=ar_seed, temperature=args.temperature, top_p=args.top_p,
-                                 top_k=args.top_k or None, batch_size=args.batch, progress=ProgressLine("AR tokens"))
+                                 top_k=args.top_k, batch_size=args.batch, progress=ProgressLine("AR tokens"))
         if args.save_tokens:
             print(f"tokens written to {save_tokens(tokens, args.save_tokens)}", file=sys.stderr)
         if args.tokens_only:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             for row in grid[0].tolist():
                 print(" ".join(f"{t:5d}" for t in row))
             return 0
-        model.offload("ar")  # the DiT stage does not need the AR weights on the GPU
+        model.unload("ar")  # the tokens exist: the DiT stage never needs the AR weights again
         images = decode(model, cond, tokens, steps=args.steps, guidance=args.guidance, seed=args.seed,
                         progress=ProgressLine("DiT steps"))
     except (ValueError, FileNotFoundError, OSError) as error:

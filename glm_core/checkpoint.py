@@ -193,6 +193,9 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 tensor_slice = f.get_slice(key)
                 header[key] = (tuple(tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
             return header
+    except PermissionError as exc:
+        raise CheckpointError(f"cannot read {path}: permission denied; give this user read access to the "
+                              f"checkpoint folder") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
         raise CheckpointError(
             f"cannot read safetensors file {path}: {exc}; the file is truncated or corrupt, "
@@ -221,6 +224,82 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
+HeaderEntry = tuple[tuple[int, ...], str, Path]  # (shape, safetensors dtype string, file)
+
+
+def read_headers(component_dir) -> dict[str, HeaderEntry]:
+    """Every checkpoint key of a component with its shape, stored dtype and file, from the shard index and
+    the safetensors headers; no tensor data is read. Missing, truncated or inconsistent files raise
+    CheckpointError here, before anything is loaded."""
+    component_dir = Path(component_dir)
+    key_to_file = weight_map(component_dir)
+    by_file: dict[Path, list[str]] = {}
+    for key, path in key_to_file.items():
+        by_file.setdefault(path, []).append(key)
+    entries: dict[str, HeaderEntry] = {}
+    for path, keys in by_file.items():
+        header = _read_header(path)
+        for key in keys:
+            if key not in header:
+                raise CheckpointError(
+                    f"{path}: key {key!r} is listed in the shard index but is not in this shard; "
+                    f"the index and the shards come from different downloads, re-download the folder")
+            shape, st_dtype = header[key]
+            entries[key] = (shape, st_dtype, path)
+    return entries
+
+
+def checkpoint_fusions(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """{module key: checkpoint keys concatenated along dim 0 into it}, from every sub-module's
+    `checkpoint_fusions` class attribute ({local name: (local checkpoint names, ...)})."""
+    fusions: dict[str, tuple[str, ...]] = {}
+    for prefix, sub in module.named_modules():
+        local = getattr(type(sub), "checkpoint_fusions", None)
+        if local:
+            head = f"{prefix}." if prefix else ""
+            for fused, parts in local.items():
+                fusions[head + fused] = tuple(head + part for part in parts)
+    return fusions
+
+
+def official_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict under the checkpoint's own key names: fused tensors split back into their parts
+    (each fusing sub-module says how, with `fused_part_sizes()`: the parts' sizes along dim 0)."""
+    state = dict(module.state_dict())
+    for prefix, sub in module.named_modules():
+        local = getattr(type(sub), "checkpoint_fusions", None)
+        if local:
+            head = f"{prefix}." if prefix else ""
+            for fused, parts in local.items():
+                if head + fused in state:
+                    pieces = state.pop(head + fused).split(list(sub.fused_part_sizes()))
+                    state.update({head + part: piece for part, piece in zip(parts, pieces)})
+    return state
+
+
+def fuse_checkpoint_keys(module, state_dict, prefix, *args) -> None:
+    """`load_state_dict` pre-hook: concatenate the checkpoint's separate keys into the module's fused one
+    (e.g. q/k/v -> qkv_proj), so a reference state dict loads into our modules unchanged."""
+    for fused, parts in type(module).checkpoint_fusions.items():
+        names = [prefix + part for part in parts]
+        if all(name in state_dict for name in names):
+            state_dict[prefix + fused] = torch.cat([state_dict.pop(name) for name in names])
+
+
+def _read_failure(path: Path, exc: BaseException, device: torch.device) -> Exception:
+    """The error to raise when reading tensors from `path` failed: corrupt only when the file is."""
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        from .memory import out_of_memory_error
+        return out_of_memory_error(f"loading {path.parent.name}/ weights", device, exc)
+    if isinstance(exc, PermissionError):
+        return CheckpointError(f"cannot read {path}: permission denied; give this user read access to the "
+                               f"checkpoint folder")
+    if "safetensor" in type(exc).__name__.lower() or isinstance(exc, (OSError, EOFError)):
+        return CheckpointError(f"cannot read tensors from {path}: {exc}; the file is truncated or corrupt, "
+                               f"re-download it")
+    return exc
+
+
 def load_weights(module: nn.Module, component_dir, *, device, dtype,
                  keep_fp32: Callable[[str], bool] | None = None,
                  ignore_keys: Callable[[str], bool] | None = None) -> None:
@@ -229,28 +308,16 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
     Floating tensors become `dtype` (or fp32 where `keep_fp32(key)`), on `device`, read one at a
     time; integer and bool tensors keep their dtype; `dtype=None` keeps the stored dtype.
     Checkpoint keys with `ignore_keys(key)` are neither loaded nor reported as unexpected.
+    Sub-modules' `checkpoint_fusions` are honoured: the parts are read and concatenated on `device`.
     Afterwards every sub-module defining `init_computed_buffers(device)` is called (see module doc).
     """
     component_dir = Path(component_dir)
     device = torch.device(device)
-    key_to_file = weight_map(component_dir)
     where = f"{component_dir}"
-
-    # Checkpoint headers, shard by shard: key -> (shape, dtype string, file).
-    by_file: dict[Path, list[str]] = {}
-    for key, path in key_to_file.items():
-        by_file.setdefault(path, []).append(key)
-    checkpoint: dict[str, tuple[tuple[int, ...], str, Path]] = {}
-    for path, keys in by_file.items():
-        header = _read_header(path)
-        for key in keys:
-            if key not in header:
-                raise CheckpointError(
-                    f"{path}: key {key!r} is listed in the shard index but is not in this shard")
-            shape, st_dtype = header[key]
-            checkpoint[key] = (shape, st_dtype, path)
+    checkpoint = read_headers(component_dir)
     if ignore_keys is not None:
         checkpoint = {k: v for k, v in checkpoint.items() if not ignore_keys(k)}
+    fusions = checkpoint_fusions(module)
 
     # Module tensors, grouping tied aliases (one Parameter under several names).
     groups: dict[int, list[str]] = {}
@@ -270,27 +337,33 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
         is_param[id(buf)] = False
 
     # Strict checks before any tensor data is read.
-    module_keys = {name for names in groups.values() for name in names}
-    unexpected = sorted(set(checkpoint) - module_keys)
+    expected_keys = set()
+    for names in groups.values():
+        for name in names:
+            expected_keys.update(fusions.get(name, (name,)))
+    unexpected = sorted(set(checkpoint) - expected_keys)
     if unexpected:
         shown = ", ".join(f"{k!r} (in {checkpoint[k][2].name})" for k in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(
             f"{where}: unexpected key(s) not used by {type(module).__name__}: {shown}{more}; "
             f"expected only the module's state_dict keys (wrong component folder or model version?)")
-    plan: list[tuple[str, int]] = []  # (checkpoint key, tensor group)
+    plan: list[tuple[tuple[str, ...], int]] = []  # (checkpoint keys concatenated into the tensor, tensor group)
     missing = []
     for group_id, names in groups.items():
-        present = [n for n in names if n in checkpoint]
-        if not present:
-            missing.append(names[0])
-            continue
         expected_shape = tuple(tensors[group_id].shape)
-        for name in present:
-            shape = checkpoint[name][0]
-            if shape != expected_shape:
+        sources = [fusions.get(name, (name,)) for name in names]
+        present = [keys for keys in sources if all(key in checkpoint for key in keys)]
+        if not present:
+            missing.extend(key for key in sources[0] if key not in checkpoint)
+            continue
+        for keys in present:
+            shapes = [checkpoint[key][0] for key in keys]
+            stacked = (sum(shape[0] for shape in shapes),) + shapes[0][1:] if shapes[0] else ()
+            if any(shape[1:] != shapes[0][1:] for shape in shapes) or stacked != expected_shape:
+                shown = " + ".join(f"{key!r} {list(shape)}" for key, shape in zip(keys, shapes))
                 raise CheckpointError(
-                    f"{checkpoint[name][2]}: key {name!r} has shape {list(shape)}, expected "
+                    f"{checkpoint[keys[0]][2]}: {shown} gives shape {list(stacked)}, expected "
                     f"{list(expected_shape)} for {type(module).__name__} (config.json does not match "
                     f"the weights?)")
         plan.append((present[0], group_id))
@@ -301,29 +374,36 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
             f"{where}: missing key(s) in the checkpoint: {shown}{more}; expected every "
             f"{type(module).__name__} parameter and persistent buffer to be stored")
 
-    # Read and assign, one shard open at a time, one tensor at a time.
-    plan_by_file: dict[Path, list[tuple[str, int]]] = {}
-    for key, group_id in plan:
-        plan_by_file.setdefault(checkpoint[key][2], []).append((key, group_id))
+    # Read and assign one tensor at a time, in file order; fused parts are concatenated on the device.
+    plan.sort(key=lambda item: str(checkpoint[item[0][0]][2]))
     safe_device = "cpu" if device.type == "cpu" else str(device)
-    for path, items in plan_by_file.items():
-        try:
-            with safe_open(str(path), framework="pt", device=safe_device) as f:
-                for key, group_id in items:
-                    tensor = f.get_tensor(key)
-                    target = _target_dtype(key, checkpoint[key][1], dtype, keep_fp32)
-                    tensor = tensor.to(device=device, dtype=target)
-                    old = tensors[group_id]
-                    if is_param[group_id]:
-                        tensor = nn.Parameter(tensor, requires_grad=old.requires_grad)
-                    for name in groups[group_id]:  # tied aliases share the one new tensor
-                        _assign(module, name, tensor)
-        except CheckpointError:
+    handles: dict[Path, object] = {}
+    path = None
+    try:
+        for keys, group_id in plan:
+            parts = []
+            for key in keys:
+                path = checkpoint[key][2]
+                if path not in handles:
+                    handles[path] = safe_open(str(path), framework="pt", device=safe_device).__enter__()
+                target = _target_dtype(key, checkpoint[key][1], dtype, keep_fp32)
+                parts.append(handles[path].get_tensor(key).to(device=device, dtype=target))
+            tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+            parts = None
+            if is_param[group_id]:
+                tensor = nn.Parameter(tensor, requires_grad=tensors[group_id].requires_grad)
+            for name in groups[group_id]:  # tied aliases share the one new tensor
+                _assign(module, name, tensor)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        failure = _read_failure(path, exc, device)
+        if failure is exc:
             raise
-        except Exception as exc:
-            raise CheckpointError(
-                f"cannot read tensors from {path}: {exc}; the file is truncated or corrupt, "
-                f"re-download it") from exc
+        raise failure from exc
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
 
     init_computed_buffers(module, device)
 

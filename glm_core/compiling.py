@@ -1,20 +1,25 @@
 """When to use `torch.compile` for the hot loops (AR decode layer, DiT block), and a wrapper that falls
-back to eager on any compile error.
+back to eager when the compiler itself fails.
 
 On by default on CUDA only (where it was measured faster); off on the CPU (slow to compile, no gain
 for tests). Switches, strongest first: an explicit `compile=True/False` argument, then the
 environment variable GLM_CORE_NO_COMPILE=1 (any value other than "" / "0" turns it off).
+
+Each stage module carries the backend it runs its hot function through (`compile_backend`: None =
+eager), set once by its loader from `compile_backend(device, compile)`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Callable
 
 import torch
 
 NO_COMPILE_ENV = "GLM_CORE_NO_COMPILE"
+DEFAULT_BACKEND = "inductor"
+log = logging.getLogger("glm_core")
 
 
 def compile_wanted(device: torch.device | str, requested: bool | None = None) -> bool:
@@ -26,8 +31,38 @@ def compile_wanted(device: torch.device | str, requested: bool | None = None) ->
     return torch.device(device).type == "cuda"
 
 
+def compile_backend(device: torch.device | str, requested: bool | None = None) -> str | None:
+    """The backend a stage's hot function runs through: "inductor" when compiling is wanted, else None."""
+    return DEFAULT_BACKEND if compile_wanted(device, requested) else None
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            return True
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return False
+
+
+def is_compiler_error(exc: BaseException) -> bool:
+    """True for a failure of dynamo / the backend compiler itself, never for an out-of-memory error (an OOM
+    during compilation is the run's OOM: falling back to eager would hide it and make every later image slower)."""
+    from torch._dynamo import exc as dynamo_exc
+
+    compiler_errors: tuple[type, ...] = (dynamo_exc.TorchDynamoException,)
+    try:
+        from torch._inductor.exc import InductorError
+        compiler_errors += (InductorError,)
+    except ImportError:  # older torch: inductor errors reach us wrapped in BackendCompilerFailed
+        pass
+    return isinstance(exc, compiler_errors) and not _is_out_of_memory(exc)
+
+
 class CompiledOrEager:
-    """`fn` through torch.compile; on the first exception it warns once and runs `fn` eagerly from then on.
+    """`fn` through torch.compile; when the compiler fails, it logs the reason once and runs `fn` eagerly
+    from then on. Any other exception (an out-of-memory error, an interrupt, a bad input) propagates.
 
     Only for functions that may safely run again after a failed attempt (pure, or whose side effects
     are idempotent, like writing the same K/V into the same cache slot). One wrapper per function is
@@ -35,26 +70,32 @@ class CompiledOrEager:
     compile once (regional compilation) and every instance reuses the code.
     """
 
-    def __init__(self, fn: Callable, name: str, *, backend: str = "inductor", dynamic: bool | None = None):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable, name: str, *, backend: str = DEFAULT_BACKEND, dynamic: bool | None = None):
+        self.fn, self.name, self.backend = fn, name, backend
         self.compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
-        self.failed = False
+        self.fallback_reason: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.fallback_reason is not None
 
     def __call__(self, *args, **kwargs):
-        if not self.failed:
+        if self.fallback_reason is None:
             try:
                 return self.compiled(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 — any compile problem: same results eagerly
-                self.failed = True
-                warnings.warn(f"{self.name}: torch.compile failed ({type(exc).__name__}: {exc}); running eagerly "
-                              f"(set {NO_COMPILE_ENV}=1 to skip compiling)", RuntimeWarning, stacklevel=2)
+            except Exception as exc:
+                if not is_compiler_error(exc):
+                    raise
+                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.warning("%s: torch.compile failed (%s); running eagerly from now on (set %s=1 to skip "
+                            "compiling)", self.name, self.fallback_reason, NO_COMPILE_ENV)
         return self.fn(*args, **kwargs)
 
 
 _WRAPPERS: dict[tuple, CompiledOrEager] = {}
 
 
-def compiled(fn: Callable, name: str, backend: str = "inductor") -> CompiledOrEager:
+def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND) -> CompiledOrEager:
     """The one shared CompiledOrEager for (fn, backend); created on first use.
 
     dynamic=True: token counts, cache lengths and batch sizes (other than 1, which dynamo always
@@ -66,3 +107,8 @@ def compiled(fn: Callable, name: str, backend: str = "inductor") -> CompiledOrEa
     if wrapper is None:
         wrapper = _WRAPPERS[key] = CompiledOrEager(fn, name, backend=backend, dynamic=True)
     return wrapper
+
+
+def fallbacks() -> dict[str, str]:
+    """{name: reason} of every compiled function that fell back to eager in this process (for tests and logs)."""
+    return {w.name: w.fallback_reason for w in _WRAPPERS.values() if w.fallback_reason is not None}

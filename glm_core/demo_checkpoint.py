@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from . import tiny
 from .ar.config import ARConfig
 from .ar.model import GlmImageAR
-from .checkpoint import is_glm_image_folder, save_sharded
+from .ar.vision import VisionTokenizer
+from .checkpoint import is_glm_image_folder, official_state_dict, save_sharded
 from .dit.config import DiTConfig
 from .dit.model import GlmImageDiT
 from .vae import GlmImageVAE, VAEConfig
@@ -25,8 +26,10 @@ def default_demo_folder() -> Path:
     return Path.home() / ".cache" / "glm_core" / "tiny-random-demo"
 
 
-def _bf16_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t.detach().to(torch.bfloat16).contiguous() for name, t in module.state_dict().items()}
+def _bf16_state(*modules: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The modules' weights under the official key names, in bf16 (the checkpoint's dtype)."""
+    return {name: t.detach().to(torch.bfloat16).contiguous()
+            for module in modules for name, t in official_state_dict(module).items()}
 
 
 def write_demo_checkpoint(folder=None, *, seed: int = 0) -> Path:
@@ -39,8 +42,9 @@ def write_demo_checkpoint(folder=None, *, seed: int = 0) -> Path:
     tiny.write_tiny_layout(root)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        ar = GlmImageAR(ARConfig.from_dict(tiny.TINY_AR_CONFIG, tiny.TINY_AR_GENERATION_CONFIG))
-        save_sharded(_bf16_state(ar), root / "vision_language_encoder", "model", 3)
+        ar_config = ARConfig.from_dict(tiny.TINY_AR_CONFIG, tiny.TINY_AR_GENERATION_CONFIG)
+        ar_state = _bf16_state(GlmImageAR(ar_config), VisionTokenizer(ar_config))
+        save_sharded(ar_state, root / "vision_language_encoder", "model", 3)
         dit = GlmImageDiT(DiTConfig.from_dict(tiny.TINY_DIT_CONFIG))
         save_sharded(_bf16_state(dit), root / "transformer", "diffusion_pytorch_model", 2)
         vae = GlmImageVAE(VAEConfig.from_dict(tiny.TINY_VAE_CONFIG))

@@ -19,8 +19,9 @@ Reference images go through two steps:
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 
 from .checkpoint import CheckpointError, _read_json, open_checkpoint
+from .images import to_rgb_image
 
 # Target sizes the model card and the API document (spec §4).
 MIN_TARGET_SIDE = 512
@@ -36,6 +38,9 @@ MAX_TARGET_SIDE = 2048
 SIZE_MULTIPLE = 32  # one AR token per 32×32 pixels; the DiT needs H/8 even and = 2×grid (spec §4)
 # smart_resize refuses references more elongated than this (spec §1.3 step 1).
 MAX_REFERENCE_ASPECT = 4.0
+# A reference upscaled more than this per side is used, with a warning (a 16x16 thumbnail becomes 512x512).
+MAX_SILENT_UPSCALE = 4.0
+log = logging.getLogger("glm_core")
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,45 +127,6 @@ def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 51
 # Reference images
 
 
-def to_rgb_image(image) -> Image.Image:
-    """A PIL RGB image from PIL, numpy (H, W[, C]) uint8, or torch float (H, W, C) in [0, 1].
-
-    Transparency is composited onto white, as the reference does. A torch tensor may carry a
-    leading batch dimension of 1 (one ComfyUI IMAGE).
-    """
-    if isinstance(image, Image.Image):
-        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB") if image.mode != "RGB" else image
-    if isinstance(image, torch.Tensor):
-        if not image.is_floating_point():
-            raise ValueError(f"a torch image must be float in [0, 1] (ComfyUI IMAGE), got dtype {image.dtype}")
-        if image.ndim == 4 and image.shape[0] == 1:
-            image = image[0]
-        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"a torch image must have shape (H, W, 3) (channels last), got {tuple(image.shape)}")
-        lo, hi = float(image.min()), float(image.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"a torch image must hold values in [0, 1], got [{lo:.3f}, {hi:.3f}]")
-        array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        return to_rgb_image(array)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"a numpy image must be uint8 (H, W, C), got dtype {image.dtype}")
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.ndim == 2:
-            return Image.fromarray(image, mode="L").convert("RGB")
-        if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"a numpy image must have shape (H, W, 3) (channels last), got {image.shape}")
-        return to_rgb_image(Image.fromarray(image, mode="RGB" if image.shape[-1] == 3 else "RGBA"))
-    raise TypeError(f"reference image must be a PIL image, a numpy uint8 array or a torch float tensor, "
-                    f"got {type(image).__name__}")
-
-
 def reference_size(height: int, width: int, *, min_side: int = MIN_TARGET_SIDE,
                    max_side: int = MAX_TARGET_SIDE) -> tuple[int, int]:
     """(H, W) that `adjust_reference_size` resizes an H×W image to (spec §4).
@@ -198,6 +164,10 @@ def adjust_reference_size(image, *, min_side: int = MIN_TARGET_SIDE,
     new_h, new_w = reference_size(height, width, min_side=min_side, max_side=max_side)
     if (new_h, new_w) == (height, width):
         return rgb
+    if min(new_h / height, new_w / width) > MAX_SILENT_UPSCALE:
+        log.warning("reference image %dx%d is upscaled to %dx%d (more than %gx per side): it will look soft "
+                    "to the model; a larger reference (short side >= %d) works better", width, height, new_w,
+                    new_h, MAX_SILENT_UPSCALE, min_side)
     return rgb.resize((new_w, new_h), resample=Image.BICUBIC)
 
 
@@ -213,31 +183,18 @@ class ARInputs:
     attention_mask: torch.Tensor       # (B, P) long, 0 on padding
     image_grid_thw: torch.Tensor       # (N, 3) long: per sample [references..., target, (preview)]
     images_per_sample: torch.Tensor    # (B,) long: grids per sample (references + 2 t2i / + 1 i2i)
-    pixel_values: torch.Tensor | None  # (Σ gh·gw, 3·16·16) float32 over all references, or None
     target_grid: tuple[int, int]       # (H/32, W/32): the grid the DiT uses
     preview_grid: tuple[int, int] | None  # ≈16×16 grid sampled first in t2i; None for editing
     reference_grids: list[tuple[int, int]]  # (gh, gw) per reference, all samples in batch order
     height: int
     width: int
-    # (Σ gh·gw,) VQ ids of pixel_values' rows when the caller already has them: the AR then skips its
-    # own vision pass (the pipeline needs the ids for the DiT too, so it computes them once).
+    # (Σ gh·gw,) VQ ids of the references, all samples in batch order (from the vision stage); written
+    # over the `<|image|>` placeholders. None for text-to-image.
     reference_ids: torch.Tensor | None = None
 
     @property
     def is_text_to_image(self) -> bool:
         return self.preview_grid is not None
-
-    def to(self, device) -> ARInputs:
-        """A copy with the tensors on `device` (pixel_values keep float32; cast them where used)."""
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            image_grid_thw=self.image_grid_thw.to(device),
-            images_per_sample=self.images_per_sample.to(device),
-            pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
-            reference_ids=None if self.reference_ids is None else self.reference_ids.to(device),
-        )
 
 
 @dataclass(frozen=True)
@@ -424,12 +381,12 @@ class PromptProcessor:
                                  f"the prompt layout; remove it")
 
     def build_inputs(self, prompts: list[str], height: int, width: int,
-                     references: list[list] | None = None, *,
+                     reference_grids: list[list[tuple[int, int]]] | None = None, *,
                      min_side: int = MIN_TARGET_SIDE, max_side: int = MAX_TARGET_SIDE) -> ARInputs:
-        """AR prefill inputs for `prompts` at one target size, with per-prompt reference images.
+        """AR prefill inputs for `prompts` at one target size; `reference_grids[i]` are the (gh, gw) patch
+        grids of prompt i's reference images (from `preprocess_image`), every prompt with the same count.
 
-        `references[i]` are prompt i's images (any type `to_rgb_image` takes); every prompt needs
-        the same count. Each is size-adjusted (`adjust_reference_size`) before preprocessing.
+        The references' VQ ids are not part of this: the caller sets `reference_ids` on the result.
         `min_side`/`max_side` bound the target size (only tiny test models go below 512).
         """
         if isinstance(prompts, str):
@@ -442,35 +399,27 @@ class PromptProcessor:
         validate_target_size(height, width, min_side=min_side, max_side=max_side)
         height, width = int(height), int(width)
 
-        if references is None:
-            references = [[] for _ in prompts]
-        references = [list(r) for r in references]
-        if len(references) != len(prompts):
-            raise ValueError(f"got {len(references)} reference lists for {len(prompts)} prompts; "
+        if reference_grids is None:
+            reference_grids = [[] for _ in prompts]
+        reference_grids = [[tuple(grid) for grid in grids] for grids in reference_grids]
+        if len(reference_grids) != len(prompts):
+            raise ValueError(f"got {len(reference_grids)} reference lists for {len(prompts)} prompts; "
                              f"pass one list (possibly empty) per prompt")
-        counts = [len(r) for r in references]
+        counts = [len(r) for r in reference_grids]
         if len(set(counts)) != 1:
             raise ValueError(f"every prompt in a batch needs the same number of reference images, got {counts}; "
                              f"run prompts with different reference counts as separate batches")
 
         cfg = self.image_config
-        pixel_rows, reference_grids, texts = [], [], []
-        for prompt, images in zip(prompts, references):
-            grids = []
-            for image in images:
-                adjusted = adjust_reference_size(image, min_side=cfg.shortest_side, max_side=cfg.longest_side)
-                rows, grid = self.preprocess_image(adjusted)
-                pixel_rows.append(rows)
-                grids.append(grid)
-            reference_grids.extend(grids)
-            texts.append(self.prompt_text(prompt, height, width, grids))
+        texts = [self.prompt_text(prompt, height, width, grids) for prompt, grids in zip(prompts, reference_grids)]
+        all_grids = [grid for grids in reference_grids for grid in grids]
 
         # The reference tokenizes with add_special_tokens unless the templated text starts with the
         # bos token (i.e. with a reference image), judged on the first sample (spec §1.3).
         add_special_tokens = not texts[0].startswith(self.bos_token)
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         sequences = [enc.ids for enc in encodings]
-        n_image_tokens = sum(gh * gw for gh, gw in reference_grids) // cfg.merge_size ** 2
+        n_image_tokens = sum(gh * gw for gh, gw in all_grids) // cfg.merge_size ** 2
         if sum(ids.count(self.image_token_id) for ids in sequences) != n_image_tokens:
             raise RuntimeError("tokenization split the image placeholder tokens; tokenizer.json does not match")
 
@@ -484,23 +433,20 @@ class PromptProcessor:
         token_h, token_w, preview_h, preview_w = get_target_shape(height, width)
         is_t2i = counts[0] == 0
         grid_rows = []
-        per_sample = counts[0]
-        for sample in range(len(prompts)):
-            for gh, gw in reference_grids[sample * per_sample:(sample + 1) * per_sample]:
-                grid_rows.append([1, gh, gw])
+        for grids in reference_grids:
+            grid_rows += [[1, gh, gw] for gh, gw in grids]
             grid_rows.append([1, token_h, token_w])
             if is_t2i:
                 grid_rows.append([1, preview_h, preview_w])
-        images_per_sample = torch.full((len(prompts),), per_sample + (2 if is_t2i else 1), dtype=torch.long)
+        images_per_sample = torch.full((len(prompts),), counts[0] + (2 if is_t2i else 1), dtype=torch.long)
         return ARInputs(
             input_ids=input_ids,
             attention_mask=attention_mask,
             image_grid_thw=torch.tensor(grid_rows, dtype=torch.long),  # (N, 3)
             images_per_sample=images_per_sample,
-            pixel_values=torch.cat(pixel_rows, dim=0) if pixel_rows else None,
             target_grid=(token_h, token_w),
             preview_grid=(preview_h, preview_w) if is_t2i else None,
-            reference_grids=reference_grids,
+            reference_grids=all_grids,
             height=height,
             width=width,
         )

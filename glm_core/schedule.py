@@ -1,4 +1,4 @@
-"""Flow-matching schedule for the DiT: mu, integer timesteps, shifted sigmas, Euler step, CFG.
+"""Flow-matching schedule for the DiT: mu, integer timesteps, shifted sigmas, Euler step.
 
 Pure functions over ``scheduler/scheduler_config.json`` (spec §1.7, §2.1 step 9-10, §6.1-6.2).
 The arithmetic mirrors the reference's dtypes step by step (numpy float64 linspace, int64 truncation,
@@ -96,20 +96,6 @@ def timesteps_and_sigmas(num_steps: int, image_seq_len: int,
 def dit_timestep(timestep: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The timestep the DiT is conditioned on: the unshifted integer timestep minus one (999, 979, ...; spec §6.1)."""
     return timestep.expand(batch_size) - 1
-
-
-def uses_guidance(guidance: float) -> bool:
-    """The reference runs the unconditional pass only when guidance > 1; at <= 1 the velocity is cond alone."""
-    return guidance > 1
-
-
-def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance on fp32 velocities: uncond + g·(cond − uncond), or cond when g <= 1."""
-    if not uses_guidance(guidance):
-        return cond
-    if uncond is None:
-        raise ValueError(f"guidance {guidance} > 1 needs the unconditional velocity, got None.")
-    return uncond + guidance * (cond - uncond)
 
 
 def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:

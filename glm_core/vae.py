@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .images import to_rgb_image
+
 # diffusers' Encoder/Decoder hard-code eps 1e-6 for every GroupNorm; config.json does not carry it.
 GROUP_NORM_EPS = 1e-6
 VAE_COMPONENT = "vae"
@@ -347,37 +349,6 @@ def load_vae(checkpoint_folder, device, dtype: torch.dtype) -> GlmImageVAE:
 # Image pre/post-processing (diffusers VaeImageProcessor as the GLM pipeline uses it)
 
 
-def image_to_pil(image) -> PIL.Image.Image:
-    """PIL image or ComfyUI IMAGE tensor ((H, W, 3) or (1, H, W, 3) float in [0, 1]) → RGB PIL image.
-
-    Tensors go through 8-bit, the form the reference receives: ComfyUI's loaded images are uint8/255, so this
-    round trip is exact for them.
-    """
-    if isinstance(image, PIL.Image.Image):
-        # The reference passes the image as-is (an RGBA or L image would crash its VAE); we take RGB.
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        if image.ndim == 4 and image.shape[0] == 1:
-            image = image[0]
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"expected an image tensor (H, W, 3) or (1, H, W, 3) in [0, 1], got {tuple(image.shape)}.")
-        pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        return PIL.Image.fromarray(pixels, mode="RGB")
-    raise ValueError(f"expected a PIL image or an image tensor, got {type(image).__name__}.")
-
-
-def reference_size(image, multiple_of: int) -> tuple[int, int]:
-    """(height, width) the pipeline gives a reference for the VAE: its own size floored to `multiple_of`.
-
-    `multiple_of` is vae.scale_factor × DiT patch_size (16 for GLM-Image; spec §2.2 step 5).
-    """
-    pil = image_to_pil(image)
-    height, width = (pil.height // multiple_of) * multiple_of, (pil.width // multiple_of) * multiple_of
-    if height == 0 or width == 0:
-        raise ValueError(f"reference image {pil.width}×{pil.height} is smaller than {multiple_of} px on a side.")
-    return height, width
-
-
 def preprocess_reference(image, height: int, width: int) -> torch.Tensor:
     """Reference image → (1, 3, height, width) float32 in [-1, 1] for `encode_latents`.
 
@@ -385,7 +356,7 @@ def preprocess_reference(image, height: int, width: int) -> torch.Tensor:
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"reference size must be positive, got {height}×{width}.")
-    pil = image_to_pil(image).resize((width, height), resample=PIL.Image.Resampling.LANCZOS, reducing_gap=None)
+    pil = to_rgb_image(image).resize((width, height), resample=PIL.Image.Resampling.LANCZOS, reducing_gap=None)
     pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)  # (H, W, 3) in [0, 1]
     return (2.0 * pixels - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
 

@@ -19,17 +19,19 @@ class GlmImageDiTDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..glm_core.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
         return {
             "required": {
                 "model": (GLM_IMAGE_MODEL, {"tooltip": "The model from Load GLM-Image."}),
                 "cond": (GLM_IMAGE_COND, {"tooltip": "The same cond that produced the tokens (same size and "
                                                      "number of references)."}),
                 "tokens": (GLM_IMAGE_TOKENS, {"tooltip": "Token grid from AR Generate Tokens or Load Tokens."}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 200,
+                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200,
                                   "tooltip": "Denoising steps. 50 is the model's default; fewer is faster and "
                                              "softer."}),
                 "guidance": ("FLOAT", {
-                    "default": 1.5, "min": 1.0, "max": 10.0, "step": 0.1, "round": 0.01,
+                    "default": DEFAULT_GUIDANCE, "min": 1.0, "max": 10.0, "step": 0.1, "round": 0.01,
                     "tooltip": "Classifier-free guidance scale. 1.5 is the model's default; 1.0 turns guidance "
                                "off (one pass per step, twice as fast)."}),
                 "seed": ("INT", {
@@ -39,11 +41,10 @@ class GlmImageDiTDecode:
         }
 
     def decode(self, model, cond, tokens, steps, guidance, seed):
-        from ..glm_core.pipeline import check_token_ids, check_tokens_match, decode
+        from ..glm_core.pipeline import check_decode_inputs, decode
 
         # A user error (tokens from another size or other references) must not load 7B of weights first.
-        check_tokens_match(cond, tokens)
-        check_token_ids(tokens, model.codebook_size)
+        check_decode_inputs(model, cond, tokens)
         make_room_for(model, "dit")
         progress = comfy_services.Progress()
 

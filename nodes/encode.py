@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .images import image_batch_to_pil
+from .memory import make_room_for
 from .types import CATEGORY, GLM_IMAGE_COND, GLM_IMAGE_MODEL
 
 REFERENCE_INPUTS = ("image_1", "image_2", "image_3", "image_4")
@@ -45,4 +46,6 @@ class GlmImageEncode:
 
         references = [picture for images in (image_1, image_2, image_3, image_4) if images is not None
                       for picture in image_batch_to_pil(images)]
+        if references:
+            make_room_for(model, "vision")
         return (encode_prompt(model, prompt, width, height, references),)

@@ -20,6 +20,8 @@ class GlmImageGenerateTokens:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..glm_core.ar.config import MODEL_CARD_SAMPLING
+
         return {
             "required": {
                 "model": (GLM_IMAGE_MODEL, {"tooltip": "The model from Load GLM-Image."}),
@@ -28,15 +30,15 @@ class GlmImageGenerateTokens:
                     "default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                     "tooltip": "Seed of the token sampling; the same seed and inputs give the same tokens."}),
                 "temperature": ("FLOAT", {
-                    "default": 0.9, "min": 0.05, "max": 2.0, "step": 0.05,
+                    "default": MODEL_CARD_SAMPLING.temperature, "min": 0.05, "max": 2.0, "step": 0.05,
                     "tooltip": "Sampling temperature. Lower: safer, more uniform layouts; higher: more varied. "
                                "The model is tuned for 0.9; greedy-like low values can degrade the image."}),
                 "top_p": ("FLOAT", {
-                    "default": 0.75, "min": 0.05, "max": 1.0, "step": 0.05,
+                    "default": MODEL_CARD_SAMPLING.top_p, "min": 0.05, "max": 1.0, "step": 0.05,
                     "tooltip": "Nucleus sampling: only the most likely tokens covering this probability mass are "
                                "kept. 1.0 disables it."}),
                 "top_k": ("INT", {
-                    "default": 50, "min": 0, "max": 16512,
+                    "default": MODEL_CARD_SAMPLING.top_k, "min": 0, "max": 16512,
                     "tooltip": "Only the k most likely tokens are kept at each step; 0 disables the limit."}),
                 "batch_size": ("INT", {
                     "default": 1, "min": 1, "max": 16,

@@ -3,17 +3,14 @@ loaded stage is on ComfyUI's loaded-model list, so it can evict our stages when 
 """
 from __future__ import annotations
 
-import torch
-
 from . import comfy_services, model_patcher
 
 # Before a stage runs, our other stages leave the GPU: the 9B AR and the 7B DiT together (~34 GB in bf16)
 # do not fit a 24 GB card, and the DiT never needs the AR's weights (the tokens carry everything).
-_STAGES_OFFLOADED_BEFORE = {"ar": ("dit", "vae", "glyph"), "dit": ("ar",)}
-# The pipeline stages each node runs, and the checkpoint component folder behind each stage (spec §3).
-_STAGES_RUN_BY = {"ar": ("ar",), "dit": ("glyph", "dit", "vae")}
-_COMPONENT_OF_STAGE = {"ar": "vision_language_encoder", "glyph": "text_encoder", "dit": "transformer", "vae": "vae"}
-_CHECKPOINT_ITEMSIZE = 2  # the big components are stored in bf16; fp32 weights take twice the file size
+_STAGES_OFFLOADED_BEFORE = {"vision": ("dit", "vae", "glyph"), "ar": ("vision", "dit", "vae", "glyph"),
+                            "dit": ("vision", "ar")}
+# The pipeline stages each node runs.
+_STAGES_RUN_BY = {"vision": ("vision",), "ar": ("ar",), "dit": ("glyph", "dit", "vae")}
 
 
 def make_room_for(model, node: str) -> None:
@@ -49,9 +46,6 @@ def _bytes_to_load(model, stages) -> int:
     total = 0
     for stage in stages:
         module = loaded.get(stage)
-        if module is not None and next(module.parameters()).device == model.device:
-            continue
-        folder = model.checkpoint.component_dir(_COMPONENT_OF_STAGE[stage])
-        on_disk = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
-        total += on_disk * max(1, torch.empty((), dtype=model.dtype).element_size() // _CHECKPOINT_ITEMSIZE)
+        if module is None or next(module.parameters()).device != model.device:
+            total += model.stage_nbytes(stage)
     return total

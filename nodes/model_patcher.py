@@ -37,6 +37,10 @@ class GlmImageStage(torch.nn.Module):
 
 
 # One class per stage so that ComfyUI's log ("Requested to load GlmImageDiTStage") says which one.
+class GlmImageVisionStage(GlmImageStage):
+    stage_name = "vision"
+
+
 class GlmImageARStage(GlmImageStage):
     stage_name = "ar"
 
@@ -53,7 +57,8 @@ class GlmImageVAEStage(GlmImageStage):
     stage_name = "vae"
 
 
-HOLDERS = {cls.stage_name: cls for cls in (GlmImageARStage, GlmImageGlyphStage, GlmImageDiTStage, GlmImageVAEStage)}
+HOLDERS = {cls.stage_name: cls for cls in (GlmImageVisionStage, GlmImageARStage, GlmImageGlyphStage,
+                                           GlmImageDiTStage, GlmImageVAEStage)}
 
 # GlmImage -> {stage name: patcher}. Weak keys: the patchers live exactly as long as the model object.
 _PATCHERS: "weakref.WeakKeyDictionary[object, dict[str, object]]" = weakref.WeakKeyDictionary()

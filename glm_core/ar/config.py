@@ -1,15 +1,16 @@
 """Configuration of the autoregressive (AR) stage, read from `vision_language_encoder/config.json`
 and `generation_config.json` (spec §1.2.1).
 
-Missing fields fall back to the defaults of the reference config classes (transformers'
-`GlmImage*Config`), which are the values the reference itself would use for that file.
+Every key the official config.json holds is required; the few it leaves out (head_dim, rope_theta,
+spatial_merge_size) take the value the reference derives or defaults to, each marked where it is read.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..checkpoint import CheckpointError, _read_json
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,39 @@ class VQConfig:
 
 
 @dataclass(frozen=True)
-class GenerationDefaults:
+class Sampling:
+    """How the AR samples its tokens. Unless the caller says otherwise: the checkpoint's generation_config.json,
+    with the model card's values where the file is silent (temperature 0.9, top-p 0.75; the file sets no top_k,
+    and transformers then applies its global default 50, spec §6.21). The one home of these numbers.
+    top_k 0 turns top-k off; top_p 1 turns top-p off."""
+
     temperature: float = 0.9
     top_p: float = 0.75
-    # generation_config.json does not set top_k; transformers 5.x then applies its global default 50 (spec §6.21)
     top_k: int = 50
-    do_sample: bool = True
+
+    @classmethod
+    def from_generation_config(cls, generation_config: dict) -> Sampling:
+        base = cls()
+        top_k = generation_config.get("top_k")
+        return cls(temperature=float(generation_config.get("temperature", base.temperature)),
+                   top_p=float(generation_config.get("top_p", base.top_p)),
+                   top_k=base.top_k if top_k is None else int(top_k))
+
+    def validate(self) -> Sampling:
+        """Itself, or ValueError naming every bad setting."""
+        problems = []
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            problems.append(f"temperature must be > 0 (got {self.temperature!r})")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p!r}; 1 turns it off)")
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
+            problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r}; 0 turns it off)")
+        if problems:
+            raise ValueError("bad sampling settings: " + "; ".join(problems))
+        return self
+
+
+MODEL_CARD_SAMPLING = Sampling()
 
 
 @dataclass(frozen=True)
@@ -75,7 +103,7 @@ class ARConfig:
     image_token_id: int  # `<|image|>` placeholder, replaced by reference VQ ids (spec §1.2.7)
     image_start_token_id: int  # also the generation prompt's last token
     image_end_token_id: int
-    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    sampling: Sampling = field(default_factory=Sampling)
 
     @property
     def eos_token_id(self) -> int:
@@ -90,90 +118,103 @@ class ARConfig:
         return self.text.vision_vocab_size
 
     @classmethod
-    def from_dict(cls, config: dict, generation_config: dict | None = None) -> ARConfig:
+    def from_dict(cls, config: dict, generation_config: dict | None = None,
+                  source: str = "vision_language_encoder/config.json") -> ARConfig:
+        top = _Section(config, source)
         return cls(
-            text=_text_config(config.get("text_config") or {}),
-            vision=_vision_config(config.get("vision_config") or {}),
-            vq=_vq_config(config.get("vq_config") or {}),
-            image_token_id=int(config.get("image_token_id", 167855)),
-            image_start_token_id=int(config.get("image_start_token_id", 16384)),
-            image_end_token_id=int(config.get("image_end_token_id", 16385)),
-            generation=_generation_defaults(generation_config or {}),
+            text=_text_config(_Section(config.get("text_config"), f"{source}: text_config")),
+            vision=_vision_config(_Section(config.get("vision_config"), f"{source}: vision_config")),
+            vq=_vq_config(_Section(config.get("vq_config"), f"{source}: vq_config")),
+            image_token_id=top.int("image_token_id"),
+            image_start_token_id=top.int("image_start_token_id"),
+            image_end_token_id=top.int("image_end_token_id"),
+            sampling=Sampling.from_generation_config(generation_config or {}),
         )
 
     @classmethod
     def from_folder(cls, component_dir: str | Path) -> ARConfig:
         """`component_dir` is the checkpoint's `vision_language_encoder/` folder."""
         component_dir = Path(component_dir)
-        config = json.loads((component_dir / "config.json").read_text(encoding="utf-8"))
+        config = _read_json(component_dir / "config.json", "AR config")
         gen_path = component_dir / "generation_config.json"
-        generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else {}
-        return cls.from_dict(config, generation)
+        generation = _read_json(gen_path, "AR generation config") if gen_path.is_file() else {}
+        return cls.from_dict(config, generation, source=str(component_dir / "config.json"))
+
+
+class _Section:
+    """One object of config.json; a required key that is absent is a clear error naming the file and key."""
+
+    def __init__(self, data, where: str):
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: missing or not an object; a GLM-Image AR config has text_config, "
+                             f"vision_config and vq_config objects")
+        self.data, self.where = data, where
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    def require(self, key: str):
+        if self.data.get(key) is None:
+            raise CheckpointError(f"{self.where}: missing {key!r} (the official GLM-Image config has it)")
+        return self.data[key]
+
+    def int(self, key: str) -> int:
+        return _first_int(self.require(key))
 
 
 def _first_int(value) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
-def _text_config(d: dict) -> TextConfig:
-    hidden = int(d.get("hidden_size", 4096))
-    heads = int(d.get("num_attention_heads", 32))
-    kv_heads = d.get("num_key_value_heads", 2)
+def _text_config(d: _Section) -> TextConfig:
+    hidden = d.int("hidden_size")
+    heads = d.int("num_attention_heads")
     # transformers 5 writes `rope_parameters`; older files put rope_theta at the top and
     # mrope_section under `rope_scaling`
     rope = dict(d.get("rope_scaling") or {})
     rope.update(d.get("rope_parameters") or {})
-    pad = d.get("pad_token_id", 167841)
+    if "mrope_section" not in rope:
+        raise CheckpointError(f"{d.where}: missing rope_parameters.mrope_section (the official config has [8, 12, 12])")
+    pad = d.get("pad_token_id")
     return TextConfig(
-        vocab_size=int(d.get("vocab_size", 168064)),
+        vocab_size=d.int("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(d.get("intermediate_size", 13696)),
-        num_hidden_layers=int(d.get("num_hidden_layers", 40)),
+        intermediate_size=d.int("intermediate_size"),
+        num_hidden_layers=d.int("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(heads if kv_heads is None else kv_heads),
-        head_dim=int(d.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        attention_bias=bool(d.get("attention_bias", True)),
-        hidden_act=str(d.get("hidden_act", "silu")),
-        vision_vocab_size=int(d.get("vision_vocab_size", 16512)),
-        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        num_key_value_heads=d.int("num_key_value_heads"),
+        head_dim=int(d.get("head_dim") or hidden // heads),  # absent from the official file: derived, as the reference does
+        rms_norm_eps=float(d.require("rms_norm_eps")),
+        attention_bias=bool(d.require("attention_bias")),
+        hidden_act=str(d.require("hidden_act")),
+        vision_vocab_size=d.int("vision_vocab_size"),
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),  # the reference's default
         partial_rotary_factor=float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))),
-        mrope_section=tuple(int(s) for s in rope.get("mrope_section", (8, 12, 12))),
+        mrope_section=tuple(int(s) for s in rope["mrope_section"]),
         pad_token_id=None if pad is None else int(pad),
-        eos_token_id=_first_int(d.get("eos_token_id", 16385)),
+        eos_token_id=d.int("eos_token_id"),
     )
 
 
-def _vision_config(d: dict) -> VisionConfig:
+def _vision_config(d: _Section) -> VisionConfig:
     return VisionConfig(
-        depth=int(d.get("depth", 40)),
-        hidden_size=int(d.get("hidden_size", 1536)),
-        num_heads=int(d.get("num_heads", 16)),
-        intermediate_size=int(d.get("intermediate_size", 6144)),
-        image_size=_first_int(d.get("image_size", 2048)),
-        patch_size=_first_int(d.get("patch_size", 16)),
-        in_channels=int(d.get("in_channels", 3)),
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
-        attention_bias=bool(d.get("attention_bias", True)),
-        hidden_act=str(d.get("hidden_act", "gelu")),
-        spatial_merge_size=int(d.get("spatial_merge_size", 1)),
+        depth=d.int("depth"),
+        hidden_size=d.int("hidden_size"),
+        num_heads=d.int("num_heads"),
+        intermediate_size=d.int("intermediate_size"),
+        image_size=d.int("image_size"),
+        patch_size=d.int("patch_size"),
+        in_channels=d.int("in_channels"),
+        layer_norm_eps=float(d.require("layer_norm_eps")),
+        attention_bias=bool(d.require("attention_bias")),
+        hidden_act=str(d.require("hidden_act")),
+        spatial_merge_size=int(d.get("spatial_merge_size", 1)),  # absent from the official file; the reference's default
     )
 
 
-def _vq_config(d: dict) -> VQConfig:
+def _vq_config(d: _Section) -> VQConfig:
     return VQConfig(
-        embed_dim=int(d.get("embed_dim", 2048)),
-        num_embeddings=int(d.get("num_embeddings", 16384)),
-        latent_channels=int(d.get("latent_channels", 1536)),
-    )
-
-
-def _generation_defaults(d: dict) -> GenerationDefaults:
-    base = GenerationDefaults()
-    top_k = d.get("top_k")
-    return GenerationDefaults(
-        temperature=float(d.get("temperature", base.temperature)),
-        top_p=float(d.get("top_p", base.top_p)),
-        top_k=base.top_k if top_k is None else int(top_k),
-        do_sample=bool(d.get("do_sample", base.do_sample)),
+        embed_dim=d.int("embed_dim"),
+        num_embeddings=d.int("num_embeddings"),
+        latent_channels=d.int("latent_channels"),
     )

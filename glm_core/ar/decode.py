@@ -1,9 +1,9 @@
 """AR generation: preallocated KV cache, prefill, one-token decode steps, CUDA-graph replay.
 
-No `transformers.generate`. The flow for one call of `generate_tokens`:
-1. `prepare_prompt`: reference images -> VQ ids written over the `<|image|>` placeholders
-   (spec §1.2.7), 3-D positions for the prompt and for every token to generate (positions.py),
-   batch expansion over seeds.
+No `transformers.generate`. The flow for one call of `generate_grids`:
+1. `prepare_prompt`: the reference images' VQ ids (computed by the vision stage) written over the
+   `<|image|>` placeholders (spec §1.2.7), 3-D positions for the prompt and for every token to
+   generate (positions.py), batch expansion over seeds.
 2. `setup_caches`: K/V buffers sized once for prompt + generation (static shapes).
 3. `prefill`: the whole left-padded prompt in one forward; samples token 0.
 4. `DecodeLoop.step`: feeds token k at cache slot P + k with precomputed cos/sin column k and
@@ -16,29 +16,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import sampling
-from ..compiling import compile_wanted, compiled
+from ..compiling import compiled
+from ..processor import ARInputs
+from .config import Sampling
 from .model import GlmImageAR, TextDecoderLayer
 from .positions import batch_positions
 
 Grid = tuple[int, int]
 PROGRESS_EVERY = 8  # tokens between progress / interrupt callbacks
-
-
-@dataclass
-class PriorTokens:
-    grid_ids: torch.Tensor  # (B, gh, gw) long: the large grid, codebook ids
-    prior_ids: torch.Tensor  # (B, 4*gh*gw) long: 2x nearest upsample, what the DiT takes
-    height: int
-    width: int
-    reference_sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) pixels per reference
-    seeds: list[int] = field(default_factory=list)
-    reference_grid_ids: list[torch.Tensor] = field(default_factory=list)  # (gh_i, gw_i) VQ ids per reference
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,14 +99,10 @@ class PromptPlan:
         return self.decode_positions.shape[-1]
 
 
-def _grids_per_sample(image_grid_thw, images_per_sample, batch: int) -> list[list[Grid]]:
-    grids = [(int(h), int(w)) for _, h, w in torch.as_tensor(image_grid_thw).tolist()]
-    if images_per_sample is None:
-        if batch != 1 and len(grids) % batch:
-            raise ValueError(f"image_grid_thw has {len(grids)} grids, not divisible over a batch of {batch}")
-        counts = [len(grids) // batch] * batch
-    else:
-        counts = [int(c) for c in torch.as_tensor(images_per_sample).reshape(-1).tolist()]
+def _grids_per_sample(inputs: ARInputs) -> list[list[Grid]]:
+    grids = [(int(h), int(w)) for _, h, w in inputs.image_grid_thw.tolist()]
+    counts = [int(c) for c in inputs.images_per_sample.reshape(-1).tolist()]
+    batch = inputs.input_ids.shape[0]
     if len(counts) != batch or sum(counts) != len(grids):
         raise ValueError(f"images_per_sample {counts} does not split {len(grids)} grids over a batch of {batch}")
     out, start = [], 0
@@ -125,47 +112,31 @@ def _grids_per_sample(image_grid_thw, images_per_sample, batch: int) -> list[lis
     return out
 
 
-def replace_image_placeholders(
-    model: GlmImageAR, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, source_grids: Sequence[Grid],
-    reference_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Write the reference images' VQ ids over the `<|image|>` placeholders (spec §1.2.7).
-
-    `reference_ids` (Σ h·w,), when given, are those ids already computed from `pixel_values`."""
-    placeholder = input_ids == model.config.image_token_id
+def replace_image_placeholders(input_ids: torch.Tensor, image_token_id: int, reference_ids: torch.Tensor | None,
+                               source_grids: Sequence[Grid]) -> torch.Tensor:
+    """Write the reference images' VQ ids (Σ h·w,) over the `<|image|>` placeholders (spec §1.2.7)."""
+    placeholder = input_ids == image_token_id
     count = int(placeholder.sum())
     expected = sum(h * w for h, w in source_grids)
-    have_images = pixel_values is not None or reference_ids is not None
-    if count != expected or (count and not have_images):
-        raise ValueError(
-            f"the prompt has {count} <|image|> placeholders but the reference grids {list(source_grids)} "
-            f"need {expected}{'' if have_images else ' and no pixel_values were given'}"
-        )
+    given = 0 if reference_ids is None else reference_ids.numel()
+    if count != expected or given != expected:
+        raise ValueError(f"the prompt has {count} <|image|> placeholders and {given} reference ids, but the "
+                         f"reference grids {list(source_grids)} need {expected}")
     if count == 0:
         return input_ids
-    if reference_ids is None:
-        reference_ids = model.image_token_ids(pixel_values, source_grids)
-    elif reference_ids.numel() != expected:
-        raise ValueError(f"{reference_ids.numel()} precomputed reference ids for grids {list(source_grids)} "
-                         f"that need {expected}")
     return input_ids.masked_scatter(placeholder, reference_ids.to(input_ids.device))
 
 
-def prepare_prompt(model: GlmImageAR, ar_inputs, num_copies: int = 1) -> PromptPlan:
+def prepare_prompt(model: GlmImageAR, inputs: ARInputs, num_copies: int = 1) -> PromptPlan:
     """ARInputs -> PromptPlan on the model's device; each prompt repeated `num_copies` times
     (consecutively) for several seeds of one prompt."""
     config = model.config
-    input_ids = torch.as_tensor(ar_inputs.input_ids).long()
-    batch = input_ids.shape[0]
-    mask = getattr(ar_inputs, "attention_mask", None)
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
-    grids = _grids_per_sample(ar_inputs.image_grid_thw, getattr(ar_inputs, "images_per_sample", None), batch)
-    preview = getattr(ar_inputs, "preview_grid", None)
-    num_generated = 2 if preview is not None else 1
+    input_ids = inputs.input_ids.long()
+    mask = inputs.attention_mask.bool()
+    grids = _grids_per_sample(inputs)
+    num_generated = 2 if inputs.preview_grid is not None else 1
     source_grids = [g for sample in grids for g in sample[: len(sample) - num_generated]]
-
-    input_ids = replace_image_placeholders(model, input_ids, getattr(ar_inputs, "pixel_values", None), source_grids,
-                                           getattr(ar_inputs, "reference_ids", None))
+    input_ids = replace_image_placeholders(input_ids, config.image_token_id, inputs.reference_ids, source_grids)
     prefill_pos, decode_pos = batch_positions(
         input_ids.cpu(),
         mask.cpu(),
@@ -173,8 +144,7 @@ def prepare_prompt(model: GlmImageAR, ar_inputs, num_copies: int = 1) -> PromptP
         image_start_token_id=config.image_start_token_id,
         image_end_token_id=config.image_end_token_id,
     )
-    target = tuple(int(x) for x in ar_inputs.target_grid)
-    preview = None if preview is None else tuple(int(x) for x in preview)
+    target, preview = tuple(inputs.target_grid), inputs.preview_grid
     expected = target[0] * target[1] + (preview[0] * preview[1] if preview else 0) + 1
     if decode_pos.shape[-1] != expected:
         raise ValueError(
@@ -211,26 +181,6 @@ def prompt_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_logits(
-    model: GlmImageAR,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Logits (B, L, vision_vocab) for a whole given sequence in one forward, with explicit
-    positions (3, B, L). input_ids must already hold VQ ids instead of image placeholders."""
-    input_ids = input_ids.to(model.device)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    attention_mask = attention_mask.to(model.device).bool()
-    hidden = model.embed(input_ids)
-    cos, sin = model.rotary_cos_sin(positions.to(model.device), hidden.dtype)
-    mask = None if bool(attention_mask.all()) else prompt_attention_mask(attention_mask)
-    hidden = model.hidden_states(hidden, cos, sin, mask)
-    return model.logits(hidden)
-
-
-@torch.no_grad()
 def prefill(model: GlmImageAR, plan: PromptPlan, cache: KVCache) -> torch.Tensor:
     """Run the prompt, fill cache slots [0, P); returns the last position's logits (B, V)."""
     length = plan.input_ids.shape[1]
@@ -250,16 +200,19 @@ class DecodeLoop:
     tokens[:, k + 1].
     """
 
-    def __init__(self, model: GlmImageAR, plan: PromptPlan, cache: KVCache, *, generators, temperature,
-                 top_k, top_p, greedy: bool, mask_grid: bool, run_layer=None):
+    def __init__(self, model: GlmImageAR, plan: PromptPlan, cache: KVCache, *, generators,
+                 sampling_settings: Sampling | None, mask_grid: bool):
         self.model, self.cache = model, cache
-        self.run_layer = run_layer  # None: plain layer calls; else e.g. decode_layer_runner()
+        self.run_layer = decode_layer_runner(model)  # None: plain layer calls
         self.prompt_length = plan.input_ids.shape[1]
         self.num_tokens = plan.num_new_tokens
         batch = plan.input_ids.shape[0]
         device = model.device
         config = model.config
-        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        greedy = sampling_settings is None
+        self.sampling = {} if greedy else {"temperature": sampling_settings.temperature,
+                                           "top_k": sampling_settings.top_k or None,
+                                           "top_p": sampling_settings.top_p}
         self.generators = generators
         self.noise = None if greedy else torch.empty(batch, config.vision_vocab_size, device=device)
         self.masks = (
@@ -275,7 +228,8 @@ class DecodeLoop:
     def choose(self, logits: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """Sample the token at generated index `token_index` ((1,) long) from logits (B, V)."""
         at_end = token_index == self.num_tokens - 1 if self.masks is not None else None
-        return sampling.next_tokens(logits, noise=self.noise, masks=self.masks, at_end=at_end, **self.sampling)
+        return sampling.next_tokens(logits, noise=self.noise, masks=self.masks, at_end=at_end,
+                                    **(self.sampling or {"temperature": 1.0, "top_k": None, "top_p": None}))
 
     def draw_noise(self) -> None:
         if self.noise is not None:
@@ -319,19 +273,15 @@ def _decode_layer(layer: TextDecoderLayer, hidden, cos, sin, attn_mask, k, v, ca
     return layer(hidden, cos, sin, attn_mask, _CacheSlot(k, v), cache_index)
 
 
-def decode_layer_runner(model: GlmImageAR, compile: bool | None = None, backend: str = "inductor", *,
-                        fuse_qkv: bool = True):
-    """What the decode step calls per layer: None (plain calls), or, when compiling is wanted
-    (`compiling.compile_wanted`: default on CUDA), a torch.compile'd layer call after fusing q/k/v.
-    Inductor fuses each layer's norms (fp32 statistics kept), rope, residual adds and cache write into
-    a few kernels; all 40 layers share one compiled graph, captured with the rest of the step into the
-    decode loop's CUDA graph. Falls back to eager on a compile error (a rerun of a layer rewrites the
-    same K/V slot, so it is safe)."""
-    if not compile_wanted(model.device, compile):
+def decode_layer_runner(model: GlmImageAR):
+    """What the decode step calls per layer: None (plain calls, `model.compile_backend` None), or the
+    torch.compile'd layer call. Inductor fuses each layer's norms (fp32 statistics kept), rope, residual
+    adds and cache write into a few kernels; all 40 layers share one compiled graph, captured with the rest
+    of the step into the decode loop's CUDA graph. Falls back to eager on a compiler error (a rerun of a
+    layer rewrites the same K/V slot, so it is safe)."""
+    if model.compile_backend is None:
         return None
-    if fuse_qkv:  # False only to measure the two changes apart (bench/fast_paths.py)
-        model.fuse_projections()
-    layer_call = compiled(_decode_layer, "AR decode layer", backend)
+    layer_call = compiled(_decode_layer, "AR decode layer", model.compile_backend)
 
     def run_layer(layer, hidden, cos, sin, attn_mask, layer_cache, cache_index):
         return layer_call(layer, hidden, cos, sin, attn_mask, layer_cache.k, layer_cache.v, cache_index)
@@ -373,28 +323,23 @@ def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], u
 @torch.no_grad()
 def generate_sequences(
     model: GlmImageAR,
-    ar_inputs,
+    inputs: ARInputs,
     *,
     seeds: Sequence[int],
-    temperature: float = 0.9,
-    top_p: float = 0.75,
-    top_k: int | None = 50,
-    greedy: bool = False,
+    sampling_settings: Sampling | None,
     mask_grid: bool = True,
     progress: Callable[[int, int], None] | None = None,
     interrupt: Callable[[], None] | None = None,
     use_cuda_graph: bool | None = None,
-    compile: bool | None = None,
 ) -> torch.Tensor:
     """All generated tokens (B, N) long on the CPU: preview grid (t2i), large grid, EOS slot.
 
     seeds: one per batch item. With one prompt and several seeds the prompt is repeated; otherwise
     len(seeds) must equal the number of prompts. Item i's tokens come from seeds[i] alone.
-    compile: torch.compile the decode layer and fuse q/k/v (`decode_layer_runner`); None = on for CUDA
-    unless GLM_CORE_NO_COMPILE=1. Same tokens up to bf16 rounding differences.
+    sampling_settings None = greedy. mask_grid: only codebook ids inside the grids, EOS after them.
     """
     seeds = [int(s) for s in seeds]
-    prompts = torch.as_tensor(ar_inputs.input_ids).shape[0]
+    prompts = inputs.input_ids.shape[0]
     if prompts == 1 and len(seeds) >= 1:
         copies = len(seeds)
     elif len(seeds) == prompts:
@@ -403,7 +348,7 @@ def generate_sequences(
         raise ValueError(f"got {len(seeds)} seeds for {prompts} prompts: pass one seed per prompt (or one prompt)")
     if interrupt:
         interrupt()
-    plan = prepare_prompt(model, ar_inputs, copies)
+    plan = prepare_prompt(model, inputs, copies)
     device = model.device
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda"
@@ -411,12 +356,9 @@ def generate_sequences(
     cache = loop = None
     try:
         cache = setup_caches(model, plan.input_ids.shape[0], plan.input_ids.shape[1] + total)
-        loop = DecodeLoop(
-            model, plan, cache,
-            generators=None if greedy else sampling.make_generators(seeds, device),
-            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, mask_grid=mask_grid,
-            run_layer=decode_layer_runner(model, compile),
-        )
+        loop = DecodeLoop(model, plan, cache,
+                          generators=None if sampling_settings is None else sampling.make_generators(seeds, device),
+                          sampling_settings=sampling_settings, mask_grid=mask_grid)
         loop.first(prefill(model, plan, cache))
 
         reported = [0]
@@ -438,28 +380,6 @@ def generate_sequences(
         del loop, cache  # free the KV cache and the graph's buffers even when interrupted
 
 
-@torch.no_grad()
-def cached_forced_logits(model: GlmImageAR, ar_inputs, forced_tokens: torch.Tensor, *, compile: bool = False,
-                         backend: str = "inductor") -> torch.Tensor:
-    """Teacher forcing through the real generation path (prefill + cached one-token steps).
-
-    forced_tokens (B, N - 1): generated tokens 0 .. N-2 to feed. Returns logits (B, N, V): row 0
-    from the prefill, row k + 1 from the step that fed token k. For tests and benchmarks.
-    compile: run the steps through `decode_layer_runner` (off by default here: eager reference path).
-    """
-    plan = prepare_prompt(model, ar_inputs)
-    batch, total = plan.input_ids.shape[0], plan.num_new_tokens
-    cache = setup_caches(model, batch, plan.input_ids.shape[1] + total)
-    loop = DecodeLoop(model, plan, cache, generators=None, temperature=1.0, top_k=None, top_p=None,
-                      greedy=True, mask_grid=False, run_layer=decode_layer_runner(model, compile, backend))
-    loop.tokens[:, : total - 1] = forced_tokens.to(loop.tokens.device)
-    rows = [prefill(model, plan, cache)]
-    for _ in range(total - 1):
-        rows.append(loop.forward())
-        loop.step_index.add_(1)
-    return torch.stack(rows, dim=1)
-
-
 def split_sequences(tokens: torch.Tensor, target_grid: Grid, preview_grid: Grid | None) -> torch.Tensor:
     """(B, N) generated tokens -> the large grid (B, gh, gw): skip the preview, drop EOS (spec §6.11)."""
     gh, gw = target_grid
@@ -467,47 +387,10 @@ def split_sequences(tokens: torch.Tensor, target_grid: Grid, preview_grid: Grid 
     return tokens[:, offset : offset + gh * gw].reshape(-1, gh, gw)
 
 
-def upsample_prior(grid_ids: torch.Tensor) -> torch.Tensor:
-    """(B, gh, gw) -> (B, 4*gh*gw): each AR token covers a 2x2 block of DiT patches (spec §6.12)."""
-    return grid_ids.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).flatten(1)
-
-
-def generate_tokens(
-    model: GlmImageAR,
-    ar_inputs,
-    *,
-    seeds: Sequence[int],
-    temperature: float = 0.9,
-    top_p: float = 0.75,
-    top_k: int | None = 50,
-    greedy: bool = False,
-    mask_grid: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    interrupt: Callable[[], None] | None = None,
-    compile: bool | None = None,
-) -> PriorTokens:
-    """Sample the prior tokens for a batch (several prompts, or one prompt with several seeds)."""
-    tokens = generate_sequences(
-        model, ar_inputs, seeds=seeds, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
-        mask_grid=mask_grid, progress=progress, interrupt=interrupt, compile=compile,
-    )
-    target = tuple(int(x) for x in ar_inputs.target_grid)
-    preview = getattr(ar_inputs, "preview_grid", None)
-    grid_ids = split_sequences(tokens, target, None if preview is None else tuple(preview))
-    codebook = model.config.codebook_size
-    if bool((grid_ids >= codebook).any()):
-        raise ValueError(
-            f"the AR sampled ids outside the codebook [0, {codebook}) inside the image grid; "
-            "generate with mask_grid=True to restrict sampling to codebook ids"
-        )
-    reference_grids = getattr(ar_inputs, "reference_grids", None) or []
-    pixels_per_token = 2 * model.config.vision.patch_size
-    return PriorTokens(
-        grid_ids=grid_ids,
-        prior_ids=upsample_prior(grid_ids),
-        height=int(ar_inputs.height),
-        width=int(ar_inputs.width),
-        # a reference is halved before patching, so one AR token covers 2 x patch_size pixels (spec §6.10)
-        reference_sizes=[(int(h) * pixels_per_token, int(w) * pixels_per_token) for h, w in reference_grids],
-        seeds=[int(s) for s in seeds],
-    )
+def generate_grids(model: GlmImageAR, inputs: ARInputs, *, seeds: Sequence[int], sampling_settings: Sampling,
+                   progress: Callable[[int, int], None] | None = None,
+                   interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+    """The large token grid (B, gh, gw) long, codebook ids, of each batch item (seed i -> item i)."""
+    tokens = generate_sequences(model, inputs, seeds=seeds, sampling_settings=sampling_settings, mask_grid=True,
+                                progress=progress, interrupt=interrupt)
+    return split_sequences(tokens, tuple(inputs.target_grid), inputs.preview_grid)

@@ -1,23 +1,23 @@
 """The GLM-Image AR model: a GLM-4-style text decoder with 3-D M-RoPE and a vision-vocab head
-(spec §1.2.3), plus the reference-image tokenizer from `vision.py`.
+(spec §1.2.3). The reference-image tokenizer in the same checkpoint files is `vision.py`.
 
-Attribute names mirror the checkpoint keys (spec §3.1) so `load_weights` needs no mapping:
-`model.visual.*`, `model.language_model.*`, `model.vqmodel.*`, `lm_head.weight`.
+Attribute names mirror the checkpoint keys (spec §3.1) so `load_weights` needs no mapping
+(`model.language_model.*`, `lm_head.weight`), except q/k/v, which are fused as they load.
 
 The model holds no generation state. A `KVCache` (decode.py) is passed in explicitly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import fuse_checkpoint_keys
 from .config import ARConfig, TextConfig
-from .vision import VisionModel, VQModel, activation, reference_image_ids
+from .vision import activation
 
 
 class RMSNorm(nn.Module):
@@ -33,31 +33,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-# How a decode token attends over the static KV cache inside the compiled decode layer (eager calls
-# always use "sdpa"): "sdpa" = one SDPA call with the group's query heads as rows (a cuDNN kernel with
-# only B * kv_heads thread blocks: 32 µs per layer on an H200 at 1382 keys), "gqa" = SDPA over all
-# query heads with enable_gqa (6.7 µs), "reduce" = fp32 products and sums that inductor turns into
-# reduction kernels (slow at batch 4). bench/fast_paths.py, H200, ms per decode token: 7.18 / 6.14 / 6.93.
-DECODE_ATTENTION = "gqa"
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One decode token. q (B, kv_heads, group, d): the query heads sharing a kv head as rows;
-    k, v (B, kv_heads, S, d); mask (B, 1, 1, S) bool or None -> (B, kv_heads, group, d)."""
-    mode = DECODE_ATTENTION if torch.compiler.is_compiling() else "sdpa"
-    if mode == "gqa":
-        b, kv_heads, group, d = q.shape
-        out = F.scaled_dot_product_attention(q.reshape(b, kv_heads * group, 1, d), k, v, attn_mask=mask,
-                                             enable_gqa=True)  # (B, heads, 1, d)
-        return out.view(b, kv_heads, group, d)
-    if mode == "reduce":
-        scale = q.shape[-1] ** -0.5
-        scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None, :, :]).sum(-1) * scale  # (B, kv, g, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        return (probs[..., None] * v.float()[:, :, None, :, :]).sum(-2).to(q.dtype)  # (B, kv, g, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    k, v (B, kv_heads, S, d); mask (B, 1, 1, S) bool or None -> (B, kv_heads, group, d).
+
+    Eagerly, one SDPA call with the group's query heads as rows (no kernel has to expand the cache).
+    Inside the compiled decode layer, SDPA over all query heads with enable_gqa: there the rows form
+    picks a cuDNN kernel with only B * kv_heads thread blocks (H200, 1382 keys: 32 vs 6.7 µs per layer;
+    6.1 vs 7.2 ms per decode token).
+    """
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, kv_heads, group, d = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads * group, 1, d), k, v, attn_mask=mask,
+                                         enable_gqa=True)  # (B, heads, 1, d)
+    return out.view(b, kv_heads, group, d)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,71 +63,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class TextAttention(nn.Module):
+    """GQA self-attention with q/k/v in ONE projection, `qkv_proj` (rows q | k | v).
+
+    The checkpoint stores `q_proj`, `k_proj` and `v_proj` (spec §3.1); they are concatenated once, when
+    the weights load (`checkpoint_fusions`, read by `checkpoint.load_weights` and by the state-dict hook
+    for `load_state_dict`): a decode token then reads one (q+2kv, hidden) weight instead of three, the
+    two small kv GEMVs being the least efficient.
+    """
+
+    checkpoint_fusions = {
+        "qkv_proj.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+        "qkv_proj.bias": ("q_proj.bias", "k_proj.bias", "v_proj.bias"),
+    }
+
     def __init__(self, config: TextConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
-        # (q|k|v) rows stacked, set by `fuse_qkv`; q/k/v_proj then hold views of it (no extra memory,
-        # the checkpoint key names stay). Non-persistent: never in the state dict.
-        self.register_buffer("qkv_weight", None, persistent=False)
-        self.register_buffer("qkv_bias", None, persistent=False)
+        self._register_load_state_dict_pre_hook(fuse_checkpoint_keys, with_module=True)
 
-    def _apply(self, fn, recurse=True):
-        # .to() / .float() / ... convert each parameter on its own, which would leave the fused copy and
-        # three separate ones (twice the q/k/v memory, e.g. after offloading to the CPU): drop the fused
-        # copy first; the decode loop fuses again on its next call.
-        self.qkv_weight = self.qkv_bias = None
-        return super()._apply(fn, recurse)
-
-    def _qkv_parts(self):
-        return [(self.q_proj, "weight"), (self.k_proj, "weight"), (self.v_proj, "weight")], \
-            [(self.q_proj, "bias"), (self.k_proj, "bias"), (self.v_proj, "bias")]
-
-    def qkv_fused(self) -> bool:
-        """True when qkv_weight / qkv_bias exist and q/k/v_proj still point into them (not after `.to()`,
-        `load_state_dict(assign=True)` or anything else that replaced a projection's tensors)."""
-        for fused, parts in zip((self.qkv_weight, self.qkv_bias), self._qkv_parts()):
-            tensors = [getattr(module, name) for module, name in parts]
-            if fused is None:
-                if tensors[0] is None:
-                    continue
-                return False
-            offset = fused.data_ptr()
-            for t in tensors:
-                if t is None or t.device != fused.device or t.dtype != fused.dtype or t.data_ptr() != offset:
-                    return False
-                offset += t.numel() * t.element_size()
-        return self.qkv_weight is not None
-
-    @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """One matmul for q, k and v (a decode token reads one (q+2kv, hidden) weight instead of three,
-        the two small kv GEMVs being the least efficient). Idempotent; re-fuses when stale."""
-        if self.qkv_fused():
-            return
-        for fused_name, parts in zip(("qkv_weight", "qkv_bias"), self._qkv_parts()):
-            tensors = [getattr(module, name) for module, name in parts]
-            if tensors[0] is None:
-                setattr(self, fused_name, None)
-                continue
-            fused = torch.cat([t.detach() for t in tensors])
-            setattr(self, fused_name, fused)
-            start = 0
-            for (module, name), t in zip(parts, tensors):
-                setattr(module, name, nn.Parameter(fused[start : start + t.shape[0]], requires_grad=False))
-                start += t.shape[0]
-
-    def _project_qkv(self, x: torch.Tensor):
-        if self.qkv_weight is not None and (torch.compiler.is_compiling() or self.qkv_fused()):
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            return F.linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def fused_part_sizes(self) -> tuple[int, int, int]:
+        return self.q_size, self.kv_size, self.kv_size
 
     def forward(self, x, cos, sin, attn_mask, layer_cache=None, cache_index=None):
         """x (B, L, hidden); attn_mask (B, 1, L, S) bool, True = may attend; None = causal, no padding.
@@ -148,7 +99,7 @@ class TextAttention(nn.Module):
         the whole preallocated cache (static shapes).
         """
         b, length, _ = x.shape
-        q, k, v = self._project_qkv(x)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -231,16 +182,17 @@ class TextModel(nn.Module):
 
 
 class GlmImageARBackbone(nn.Module):
-    """Holds the three sub-models under the checkpoint's `model.` prefix."""
+    """The text decoder under the checkpoint's `model.` prefix (the vision tower and the VQ beside it in the
+    same files are the separate "vision" stage, `vision.VisionTokenizer`)."""
 
     def __init__(self, config: ARConfig):
         super().__init__()
-        self.visual = VisionModel(config.vision)
         self.language_model = TextModel(config.text)
-        self.vqmodel = VQModel(config.vq)
 
 
 class GlmImageAR(nn.Module):
+    """Text decoder + vision-vocab head: the stage that samples the token grid."""
+
     def __init__(self, config: ARConfig):
         super().__init__()
         text = config.text
@@ -249,14 +201,12 @@ class GlmImageAR(nn.Module):
                 f"config.json: rope mrope_section {list(text.mrope_section)} must sum to head_dim * "
                 f"partial_rotary_factor / 2 = {text.rotary_dim // 2}"
             )
-        if config.vq.latent_channels != config.vision.hidden_size:
-            raise ValueError(
-                f"config.json: vq_config.latent_channels {config.vq.latent_channels} must equal "
-                f"vision_config.hidden_size {config.vision.hidden_size}"
-            )
         self.config = config
         self.model = GlmImageARBackbone(config)
         self.lm_head = nn.Linear(text.hidden_size, text.vision_vocab_size, bias=False)
+        # None: the decode layer runs eagerly; else the torch.compile backend of the decode layer. Set by
+        # the loader (`glm_core.compiling.compile_backend`).
+        self.compile_backend: str | None = None
 
     def inv_freq(self) -> torch.Tensor:
         """RoPE inverse frequencies, always computed in fp32 on the CPU (never rounded with the weights)."""
@@ -294,28 +244,27 @@ class GlmImageAR(nn.Module):
                       ) -> torch.Tensor:
         return self.model.language_model(hidden, cos, sin, attn_mask, kv_cache, cache_index, run_layer)
 
-    def fuse_projections(self) -> None:
-        """Fuse each text layer's q/k/v projections into one matmul (see `TextAttention.fuse_qkv`)."""
-        for layer in self.model.language_model.layers:
-            layer.self_attn.fuse_qkv()
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    @torch.no_grad()
-    def image_token_ids(self, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Reference images -> codebook ids (Σ h*w,) long, row-major per image, images in order."""
-        return reference_image_ids(self.model.visual, self.model.vqmodel, pixel_values.to(self.device), grids)
+
+def is_vision_key(key: str) -> bool:
+    """Checkpoint keys of the vision stage (tower + VQ) inside vision_language_encoder/ (spec §3.1)."""
+    return key.startswith(("model.visual.", "model.vqmodel."))
 
 
-def load_ar(checkpoint_folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> GlmImageAR:
-    """Build the AR model on the meta device and assign the checkpoint's weights straight to device/dtype."""
+def load_ar(checkpoint_folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+            *, compile: bool | None = None) -> GlmImageAR:
+    """Build the text decoder on the meta device and assign the checkpoint's weights straight to device/dtype
+    (the vision tower's keys in the same files are left for `vision.load_vision`)."""
     from ..checkpoint import load_weights, open_checkpoint
+    from ..compiling import compile_backend
 
     folder = open_checkpoint(checkpoint_folder)
     component = folder.component_dir("vision_language_encoder")
     config = ARConfig.from_folder(component)
     with torch.device("meta"):
         model = GlmImageAR(config)
-    load_weights(model, component, device=device, dtype=dtype)
+    load_weights(model, component, device=device, dtype=dtype, ignore_keys=is_vision_key)
+    model.compile_backend = compile_backend(device, compile)
     return model.eval().requires_grad_(False)

@@ -14,9 +14,6 @@ from collections.abc import Sequence
 import torch
 
 
-ONE_SORT_ON_CUDA = True  # `filter_logits(one_sort=None)`: False restores the two-step path (for benchmarks)
-
-
 def filter_logits(
     logits: torch.Tensor,
     *,
@@ -24,21 +21,18 @@ def filter_logits(
     top_k: int | None = None,
     top_p: float | None = None,
     min_tokens_to_keep: int = 1,
-    one_sort: bool | None = None,
 ) -> torch.Tensor:
     """logits (B, V) float -> filtered logits, removed entries set to -inf.
 
     top_k None/0 and top_p None/>=1 disable that filter, as in transformers.
-    one_sort: top-k and top-p from a single sort (`_top_k_top_p`); None = on CUDA only, where it is
-    faster and places ties as before (the CPU sort is not stable, so there the two-step path stays).
+    On CUDA top-k and top-p come from a single sort (`top_k_top_p`): faster there, and it places ties as
+    the two steps do; on the CPU the two-step path stays (its sort is not stable).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy mode instead")
     scores = logits / temperature if temperature != 1.0 else logits
-    if one_sort is None:
-        one_sort = scores.is_cuda and ONE_SORT_ON_CUDA
-    if one_sort and top_k and top_p is not None and top_p < 1.0:
-        return _top_k_top_p(scores, top_k, top_p, min_tokens_to_keep)
+    if scores.is_cuda and top_k and top_p is not None and top_p < 1.0:
+        return top_k_top_p(scores, top_k, top_p, min_tokens_to_keep)
     if top_k:
         k = min(max(int(top_k), min_tokens_to_keep), scores.shape[-1])
         kth_best = torch.topk(scores, k, dim=-1).values[..., -1:]
@@ -54,7 +48,7 @@ def filter_logits(
     return scores
 
 
-def _top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
+def top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
     """top-k then top-p with ONE sort: the same filter as the two steps of `filter_logits`.
 
     On the GPU a (B, 16512) topk is one slow single-block kernel (~80 µs on an H200, more than the

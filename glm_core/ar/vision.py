@@ -1,4 +1,4 @@
-"""Reference-image tokenizer of the AR stage: vision encoder + VQ (spec §1.2.5, §1.2.6).
+"""Reference-image tokenizer: vision encoder + VQ (spec §1.2.5, §1.2.6), the "vision" stage.
 
 The AR never sees vision features: the encoder output of each reference image is quantised to
 codebook ids, and those ids replace the `<|image|>` placeholders in the prompt (spec §1.2.7).
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig, VQConfig
+from .config import ARConfig, VisionConfig, VQConfig
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, as the reference's ACT2FN["gelu"]
@@ -168,14 +168,56 @@ class VQModel(nn.Module):
         return self.quantize(z)
 
 
-@torch.no_grad()
-def reference_image_ids(
-    visual: VisionModel, vqmodel: VQModel, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int]]
-) -> torch.Tensor:
-    """Codebook ids of the reference images, concatenated in order: (Σ h*w,) long."""
-    features = visual(pixel_values, grids)
-    ids, start = [], 0
-    for h, w in grids:
-        ids.append(vqmodel.encode(features[start : start + h * w], (h, w)))
-        start += h * w
-    return torch.cat(ids)
+class VisionBackbone(nn.Module):
+    """The vision tower and the VQ under the checkpoint's `model.` prefix."""
+
+    def __init__(self, config: ARConfig):
+        super().__init__()
+        self.visual = VisionModel(config.vision)
+        self.vqmodel = VQModel(config.vq)
+
+
+class VisionTokenizer(nn.Module):
+    """Reference images -> codebook ids: the "vision" stage, read from vision_language_encoder/ beside the AR's
+    text decoder but loaded on its own (1.2 B parameters that the token sampling never needs)."""
+
+    def __init__(self, config: ARConfig):
+        super().__init__()
+        if config.vq.latent_channels != config.vision.hidden_size:
+            raise ValueError(
+                f"config.json: vq_config.latent_channels {config.vq.latent_channels} must equal "
+                f"vision_config.hidden_size {config.vision.hidden_size}")
+        self.config = config
+        self.model = VisionBackbone(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.vqmodel.quantize.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.vqmodel.quantize.embedding.weight.dtype
+
+    @torch.no_grad()
+    def image_token_ids(self, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Reference pixels (Σ h*w, 3·16·16) -> codebook ids (Σ h*w,) long, row-major per image, images in order."""
+        features = self.model.visual(pixel_values.to(self.device), grids)
+        ids, start = [], 0
+        for h, w in grids:
+            ids.append(self.model.vqmodel.encode(features[start : start + h * w], (h, w)))
+            start += h * w
+        return torch.cat(ids)
+
+
+def load_vision(checkpoint_folder, device, dtype) -> VisionTokenizer:
+    """The vision tower + VQ from a GLM-Image folder's vision_language_encoder/ (the text decoder's keys skipped)."""
+    from ..checkpoint import load_weights, open_checkpoint
+    from .model import is_vision_key
+
+    folder = open_checkpoint(checkpoint_folder)
+    component = folder.component_dir("vision_language_encoder")
+    config = ARConfig.from_folder(component)
+    with torch.device("meta"):
+        model = VisionTokenizer(config)
+    load_weights(model, component, device=device, dtype=dtype, ignore_keys=lambda key: not is_vision_key(key))
+    return model.eval().requires_grad_(False)

@@ -59,11 +59,3 @@ class DiTConfig:
         if self.in_channels < 1 or self.out_channels < 1 or self.patch_size < 1 or self.num_layers < 1:
             raise ValueError(f"{source}: patch_size, in/out_channels and num_layers must be positive.")
 
-
-def load_dit_config(checkpoint_folder) -> DiTConfig:
-    """DiTConfig of a GLM-Image folder's `transformer/` component."""
-    from ..checkpoint import open_checkpoint
-
-    folder = open_checkpoint(checkpoint_folder)
-    path = folder.component_dir("transformer") / "config.json"
-    return DiTConfig.from_dict(folder.read_config("transformer"), source=str(path))
