@@ -8,6 +8,9 @@ specially (ComfyUI unloads its models on one) still recognise it.
 
 from __future__ import annotations
 
+import traceback
+from contextlib import contextmanager
+
 import torch
 
 GB = 1e9
@@ -27,6 +30,15 @@ def gpu_memory(device) -> tuple[int, int] | None:
     return torch.cuda.mem_get_info(device)
 
 
+def free_bytes(device) -> int:
+    """Bytes a new allocation on `device` can still get: the driver's free memory plus the blocks PyTorch's
+    caching allocator holds unused."""
+    info = gpu_memory(device)
+    if info is None:
+        return 1 << 62
+    return info[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def out_of_memory_error(what: str, device, cause: BaseException | None = None,
                         needed_bytes: int | None = None) -> NotEnoughGpuMemory:
     """The error for an allocation that failed while doing `what` on `device` (call it after the failed
@@ -40,3 +52,42 @@ def out_of_memory_error(what: str, device, cause: BaseException | None = None,
     detail = f" ({str(cause).splitlines()[0]})" if cause is not None and str(cause) else ""
     return NotEnoughGpuMemory(f"not enough GPU memory for {what}: it needs {needed}, {free}{detail}. "
                               f"To fit: {FIT_OPTIONS}.")
+
+
+@contextmanager
+def gpu_released_on_error(what: str, device):
+    """Around a stage's work: on any error or interrupt, the locals of the frames that failed are cleared
+    (a traceback keeps every frame, and every GPU tensor in it, alive), the allocator's cache returns to
+    the driver, and an out-of-memory error becomes `NotEnoughGpuMemory` with the numbers."""
+    device = torch.device(device)
+    try:
+        yield
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        if device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if isinstance(exc, torch.OutOfMemoryError) and not isinstance(exc, NotEnoughGpuMemory):
+            raise out_of_memory_error(what, device, exc) from None
+        raise
+
+
+def estimated_working_bytes(stage: str, *, height: int, width: int, batch: int = 1, reference_tokens: int = 0,
+                            itemsize: int = 2) -> int:
+    """Activation memory a stage needs at the real model's widths beyond its weights (an upper estimate,
+    measured on an H200: docs/PERFORMANCE.md, memory table). Used to decide what must leave the GPU first."""
+    pixels = height * width * batch
+    if stage == "vision":
+        return int(0.5 * GB)
+    if stage == "ar":
+        tokens = (height // 32) * (width // 32) + 400 + reference_tokens  # large grid + preview/prompt + references
+        kv_cache = 40 * 1024 * tokens * batch  # 40 layers x K,V x 2 kv heads x 128 x bf16 (spec §5.1)
+        return int(GB + kv_cache)
+    if stage == "dit":
+        image_tokens = pixels // 256  # one DiT token per 16x16 pixels
+        reference_kv = 480 * 1024 * reference_tokens * 4  # DiT tokens per reference AR token: 2x2 (spec §5.2)
+        return int(GB + image_tokens * 160 * 1024 + reference_kv + VAE_DECODE_BYTES_PER_PIXEL * pixels)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+# The VAE decoder's peak activations per output pixel in bf16 (its full-resolution levels dominate).
+VAE_DECODE_BYTES_PER_PIXEL = 2048

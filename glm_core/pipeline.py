@@ -5,7 +5,9 @@ lazily on first use, so building a `GlmImage` is cheap, and a stage can leave th
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,12 +22,16 @@ from .checkpoint import CheckpointFolder, open_checkpoint, read_headers
 from .dit.model import load_dit
 from .dit.sampling import DiTConditioning, denoise, initial_noise, uses_guidance
 from .glyph import load_glyph_encoder
+from .memory import (GB, VAE_DECODE_BYTES_PER_PIXEL, estimated_working_bytes, free_bytes, gpu_released_on_error,
+                     out_of_memory_error)
 from .processor import PromptProcessor, adjust_reference_size, validate_target_size
+from .residency import PLACEMENTS, StageWeights, host_copy_plan
 from .schedule import SchedulerConfig, image_seq_len, timesteps_and_sigmas
 from .tokens import (PriorTokens, check_token_ids, check_tokens_match, load_tokens, preview_tokens, save_tokens,
                      upsample_prior)
 from .vae import load_vae, postprocess, preprocess_reference
 
+log = logging.getLogger("glm_core")
 Progress = Callable[[int, int], None]
 Interrupt = Callable[[], None]
 # The model card's DiT settings (the reference pipeline's defaults).
@@ -39,6 +45,7 @@ COMPONENT_OF_STAGE = {"vision": "vision_language_encoder", "ar": "vision_languag
 _KEYS_OF_STAGE = {"vision": is_vision_key, "ar": lambda key: not is_vision_key(key)}
 _LOADERS = {"vision": load_vision, "ar": load_ar, "glyph": load_glyph_encoder, "dit": load_dit, "vae": load_vae}
 _COMPILED_STAGES = ("ar", "dit")
+HEADROOM_BYTES = int(1.5 * GB)  # beyond the estimates: allocator fragmentation, cuBLAS/compile workspaces
 _INT_ITEMSIZE = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 __all__ = ["GlmImage", "Conditioning", "PriorTokens", "encode_prompt", "generate_tokens", "decode", "generate",
@@ -50,13 +57,21 @@ def default_device() -> torch.device:
 
 
 class GlmImage:
-    """A GLM-Image checkpoint folder with its stages loaded on demand."""
+    """A GLM-Image checkpoint folder with its stages loaded on demand.
+
+    placement: "gpu" keeps every loaded stage on the GPU; "sequential" keeps one group of stages there at a
+    time (vision | ar | glyph+dit+vae); "auto" keeps what fits and moves a stage off the GPU only when the
+    next one needs the room (decided from the free memory each time).
+    """
 
     def __init__(self, checkpoint: CheckpointFolder, device: torch.device, dtype: torch.dtype,
-                 compile: bool | None = None):
+                 compile: bool | None = None, placement: str = "auto"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = dtype
+        self.placement = placement
         # torch.compile of the AR decode layer and the DiT blocks: None = on for CUDA unless
         # GLM_CORE_NO_COMPILE=1 (glm_core.compiling); costs ~30 s of compiling on first use per process.
         self.compile = compile
@@ -64,31 +79,110 @@ class GlmImage:
         self.scheduler_config = SchedulerConfig.from_dict(checkpoint.read_config("scheduler", "scheduler_config.json"))
         self.ar_config = ARConfig.from_folder(checkpoint.component_dir("vision_language_encoder"))
         self._modules: dict[str, torch.nn.Module] = {}
+        self._weights: dict[str, StageWeights] = {}
+        self.on_load: Callable[[str, int, float], None] | None = None  # (stage, bytes, seconds) after each load
 
     @classmethod
     def from_folder(cls, folder, *, device=None, dtype: torch.dtype | None = None,
-                    compile: bool | None = None) -> "GlmImage":
+                    compile: bool | None = None, placement: str = "auto") -> "GlmImage":
         """Validate the folder and read its configs; no weights are read until a stage runs."""
         device = torch.device(device) if device is not None else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); use device 'cpu', or install a CUDA build of PyTorch")
         if dtype is None:
             # bf16 is the checkpoint's own dtype; on the CPU fp32 is both faster and exact.
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return cls(open_checkpoint(folder), device, dtype, compile)
+        return cls(open_checkpoint(folder), device, dtype, compile, placement)
 
     # -- stages ----------------------------------------------------------------------------------
 
     def stage(self, name: str) -> torch.nn.Module:
-        """The loaded module of a stage ("vision", "ar", "glyph", "dit", "vae"), loading it on first use."""
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        """The module of a stage ("vision", "ar", "glyph", "dit", "vae") on the device, loading it on first use
+        (room is made first, see `prepare`)."""
+        self.prepare([name])
+        return self._modules[name]
+
+    def prepare(self, names: Sequence[str], working_bytes: int = 0) -> None:
+        """Bring these stages onto the device, after making room for their weights plus `working_bytes`:
+        "sequential" moves every other stage off the GPU, "auto" only as many as needed (largest first)."""
+        for name in names:
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        missing = [name for name in names if not self.on_device(name)]
+        if not missing:
+            return
+        if self.device.type == "cuda":
+            self._make_room(names, sum(self.stage_nbytes(name) for name in missing), working_bytes)
+        for name in missing:
+            module = self._modules.get(name)
+            if module is None:
+                start = time.perf_counter()
+                extra = {"compile": self.compile} if name in _COMPILED_STAGES else {}
+                with gpu_released_on_error(f"loading the {name} weights", self.device):
+                    module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **extra)
+                self._modules[name] = module
+                if self.on_load is not None:
+                    self.on_load(name, self.stage_nbytes(name), time.perf_counter() - start)
+            else:
+                with gpu_released_on_error(f"moving the {name} weights back to the GPU", self.device):
+                    self._weights[name].to_device(self.device)
+
+    def ensure_free(self, working_bytes: int, keep: Sequence[str]) -> None:
+        """Before a large allocation: unless placement is "gpu", move stages other than `keep` off the GPU
+        (largest first) until `working_bytes` plus headroom are free."""
+        if self.device.type != "cuda" or self.placement == "gpu":
+            return
+        for name in sorted((n for n in STAGES if n not in keep and self.on_device(n)), key=self.stage_nbytes,
+                           reverse=True):
+            if free_bytes(self.device) >= working_bytes + HEADROOM_BYTES:
+                break
+            log.info("moving the %s stage off the GPU to make room for %.1f GB of working memory", name,
+                     working_bytes / GB)
+            self.release(name)
+
+    def _make_room(self, names: Sequence[str], weights_needed: int, working_bytes: int) -> None:
+        needed = weights_needed + working_bytes
+        others = [name for name in STAGES if name not in names and self.on_device(name)]
+        if self.placement == "sequential":
+            for name in others:
+                self.release(name)
+        elif self.placement == "auto":
+            if others and free_bytes(self.device) >= needed + HEADROOM_BYTES:
+                log.info("placement auto: %s fit beside the stages already on the GPU (%.1f GB needed, %.1f GB "
+                         "free)", "+".join(names), needed / GB, free_bytes(self.device) / GB)
+            for name in sorted(others, key=self.stage_nbytes, reverse=True):
+                if free_bytes(self.device) >= needed + HEADROOM_BYTES:
+                    break
+                log.info("placement auto: moving the %s stage off the GPU to make room for %s (%.1f GB needed, "
+                         "%.1f GB free)", name, "+".join(names), needed / GB, free_bytes(self.device) / GB)
+                self.release(name)
+        free = free_bytes(self.device)
+        if free < weights_needed:
+            raise out_of_memory_error(f"the {'+'.join(names)} weights", self.device, needed_bytes=weights_needed)
+        if free < needed:
+            log.warning("%s: %.1f GB free on %s for an estimated %.1f GB; this run may run out of memory",
+                        "+".join(names), free / GB, self.device, needed / GB)
+
+    def release(self, name: str) -> None:
+        """Take a stage off the GPU: into its host copy when the host has room (made the first time, free
+        afterwards), else dropped (read from the files again when next needed)."""
         module = self._modules.get(name)
-        if module is None:
-            extra = {"compile": self.compile} if name in _COMPILED_STAGES else {}
-            module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **extra)
-            self._modules[name] = module
-        elif _module_device(module) != self.device:
-            module.to(self.device)
-        return module
+        if module is None or not self.on_device(name) or self.device.type != "cuda":
+            return
+        weights = self._weights.get(name)
+        if weights is None:
+            plan = host_copy_plan(self.stage_nbytes(name))
+            if plan is None:
+                self.unload(name)
+                return
+            weights = self._weights[name] = StageWeights(module, pin=plan == "pinned")
+        weights.to_host()
+        _empty_cache(self.device)
+
+    def on_device(self, name: str) -> bool:
+        module = self._modules.get(name)
+        return module is not None and _module_device(module) == self.device
 
     def stage_nbytes(self, name: str) -> int:
         """Bytes a stage's weights take on the device in this model's dtype (from the file headers, nothing read)."""
@@ -103,18 +197,16 @@ class GlmImage:
                 total += math.prod(shape) * (itemsize if stored.startswith(("F", "BF")) else _INT_ITEMSIZE[stored])
         return total
 
-    def offload(self, stage: str | None = None, *, to: str | torch.device = "cpu") -> None:
-        """Move a stage's weights (or all stages') off the GPU, keeping them in host memory."""
+    def offload(self, stage: str | None = None) -> None:
+        """Move a stage's weights (or all stages') off the GPU (see `release`)."""
         for name in [stage] if stage else list(self._modules):
-            module = self._modules.get(name)
-            if module is not None:
-                module.to(to)
-        _empty_cache(self.device)
+            self.release(name)
 
     def unload(self, stage: str | None = None) -> None:
-        """Drop a stage's weights (or all); they are read from disk again when next needed."""
+        """Drop a stage's weights (or all) and their host copies; they are read from disk again when next needed."""
         for name in [stage] if stage else list(self._modules):
             self._modules.pop(name, None)
+            self._weights.pop(name, None)
         _empty_cache(self.device)
 
     def stage_modules(self) -> dict[str, torch.nn.Module]:
@@ -172,7 +264,10 @@ def encode_prompt(model: GlmImage, prompt: str, width: int, height: int,
     if adjusted:
         pixels = [model.processor.preprocess_image(image) for image in adjusted]
         cond.reference_grids = [grid for _, grid in pixels]
-        ids = model.stage("vision").image_token_ids(torch.cat([rows for rows, _ in pixels]), cond.reference_grids)
+        model.prepare(["vision"], estimated_working_bytes("vision", height=height, width=width))
+        with gpu_released_on_error("encoding the reference images", model.device):
+            ids = model.stage("vision").image_token_ids(torch.cat([rows for rows, _ in pixels]),
+                                                        cond.reference_grids)
         sizes = [h * w for h, w in cond.reference_grids]
         cond.reference_ids = [part.view(h, w) for part, (h, w) in zip(ids.cpu().split(sizes), cond.reference_grids)]
     return cond
@@ -203,8 +298,12 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
     if cond.reference_ids:
         inputs.reference_ids = torch.cat([ids.flatten() for ids in cond.reference_ids]).repeat(batch_size)
     seeds = [seed + i for i in range(batch_size)]
-    grid_ids = generate_grids(model.stage("ar"), inputs, seeds=seeds, sampling_settings=settings,
-                              progress=progress, interrupt=interrupt)
+    reference_tokens = sum(h * w for h, w in cond.reference_grids)
+    model.prepare(["ar"], estimated_working_bytes("ar", height=cond.height, width=cond.width, batch=batch_size,
+                                                  reference_tokens=reference_tokens))
+    with gpu_released_on_error("sampling the AR tokens", model.device):
+        grid_ids = generate_grids(model.stage("ar"), inputs, seeds=seeds, sampling_settings=settings,
+                                  progress=progress, interrupt=interrupt)
     return PriorTokens(grid_ids=grid_ids, height=cond.height, width=cond.width,
                        reference_sizes=cond.reference_sizes, seeds=seeds)
 
@@ -244,45 +343,47 @@ def decode(model: GlmImage, cond: Conditioning, tokens: PriorTokens, *, steps: i
     batch = tokens.grid_ids.shape[0]
     if interrupt is not None:
         interrupt()
+    reference_tokens = sum(h * w for h, w in cond.reference_grids)
+    model.prepare(["glyph", "dit", "vae"], estimated_working_bytes(
+        "dit", height=cond.height, width=cond.width, batch=batch, reference_tokens=reference_tokens))
+    with gpu_released_on_error("decoding the image", device):
+        return _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_step, latents)
 
+
+def _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_step, latents) -> torch.Tensor:
+    device, dtype = model.device, model.dtype
+    batch = tokens.grid_ids.shape[0]
     glyph = model.stage("glyph")
     glyph_embeds = glyph.encode([cond.prompt] * batch, dtype=dtype)
     negative_embeds = glyph.encode_negative(batch, dtype=dtype) if uses_guidance(guidance) else None
     vae = model.stage("vae")
     dit = model.stage("dit")
 
-    dit_cond = denoised = None
-    try:
-        dit_cond = DiTConditioning(glyph_embeds=glyph_embeds, negative_glyph_embeds=negative_embeds,
-                                   prior_ids=tokens.prior_ids.to(device), target_size=(cond.height, cond.width),
-                                   reference_kv=encode_reference_kv(model, cond) if cond.references else None)
-        scale = vae.config.scale_factor
-        if latents is None:
-            latents = initial_noise(batch, dit.config.in_channels, cond.height // scale, cond.width // scale,
-                                    seed, device, dtype)
-        elif not torch.isfinite(latents).all():
-            raise ValueError("the initial latents contain NaN or inf")
-        seq_len = image_seq_len(cond.height, cond.width, scale, dit.config.patch_size)
-        timesteps, sigmas = timesteps_and_sigmas(steps, seq_len, model.scheduler_config)
+    dit_cond = DiTConditioning(glyph_embeds=glyph_embeds, negative_glyph_embeds=negative_embeds,
+                               prior_ids=tokens.prior_ids.to(device), target_size=(cond.height, cond.width),
+                               reference_kv=encode_reference_kv(model, cond) if cond.references else None)
+    scale = vae.config.scale_factor
+    if latents is None:
+        latents = initial_noise(batch, dit.config.in_channels, cond.height // scale, cond.width // scale,
+                                seed, device, dtype)
+    elif not torch.isfinite(latents).all():
+        raise ValueError("the initial latents contain NaN or inf")
+    seq_len = image_seq_len(cond.height, cond.width, scale, dit.config.patch_size)
+    timesteps, sigmas = timesteps_and_sigmas(steps, seq_len, model.scheduler_config)
 
-        def after_step(step: int, total: int, estimate: torch.Tensor) -> None:
-            if on_step is not None:
-                on_step(step, total, preview_latents(vae, estimate))
-            if progress is not None:
-                progress(step, total)
-            if interrupt is not None and step < total:
-                interrupt()
+    def after_step(step: int, total: int, estimate: torch.Tensor) -> None:
+        if on_step is not None:
+            on_step(step, total, preview_latents(vae, estimate))
+        if progress is not None:
+            progress(step, total)
+        if interrupt is not None and step < total:
+            interrupt()
 
-        denoised = denoise(dit, latents, dit_cond, timesteps, sigmas, guidance, on_step=after_step)
-        dit_cond = None
-        images = vae.decode_latents(denoised.to(vae.dtype))
-        denoised = None
-        return postprocess(images)
-    finally:
-        # Drop the big tensors in this frame so an interrupt or error leaves GPU memory where it was
-        # (a traceback keeps the frame, and with it every local, alive).
-        dit_cond = denoised = latents = None
-        _empty_cache(device)
+    denoised = denoise(dit, latents, dit_cond, timesteps, sigmas, guidance, on_step=after_step)
+    dit_cond = latents = None  # the reference K/V can be GBs: free them before the VAE's large activations
+    # At large sizes the VAE decoder needs more than the DiT leaves free on a small card.
+    model.ensure_free(VAE_DECODE_BYTES_PER_PIXEL * cond.height * cond.width * batch, keep=["vae"])
+    return postprocess(vae.decode_latents(denoised.to(vae.dtype)))
 
 
 def encode_reference_kv(model: GlmImage, cond: Conditioning):

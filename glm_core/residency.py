@@ -1,0 +1,137 @@
+"""Where each stage's weights live between uses: on the GPU, in a host copy, or only on disk.
+
+Weights never change at inference, so a stage that leaves the GPU keeps one host copy of its tensors
+(page-locked when the host can spare it, for fast asynchronous copies) and leaving the GPU again later
+costs nothing: the GPU tensors are simply dropped. Coming back is one host-to-device copy of a single
+flat buffer. When the host cannot hold a copy, the stage is dropped and re-read from the safetensors
+files (from the page cache, usually) the next time it is needed.
+
+`StageWeights` does the moving for one module; `GlmImage` decides when (see `placement`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger("glm_core")
+_ALIGN = 256  # bytes: every tensor view starts aligned for any dtype and for vectorised copies
+PLACEMENTS = ("auto", "gpu", "sequential")
+
+
+def host_memory_available() -> int:
+    """Bytes the host can still give (MemAvailable), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, bool]]:
+    """(owner, name, tensor, is_parameter) for every parameter and buffer, tied ones once."""
+    seen, out = set(), []
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                out.append((owner, name, param, True))
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and id(buffer) not in seen:
+                seen.add(id(buffer))
+                out.append((owner, name, buffer, False))
+    return out
+
+
+@dataclass
+class _Slot:
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+class StageWeights:
+    """Moves one stage's tensors between the device and a host copy made the first time they leave it.
+
+    All tensors of the stage live as views of ONE flat byte buffer on each side, so a move is one
+    allocation and one copy, and the memory returns whole when the device buffer is dropped.
+    """
+
+    def __init__(self, module: nn.Module, pin: bool):
+        self.module = module
+        self.pin = pin
+        self._host: torch.Tensor | None = None
+        self._slots: list[_Slot] = []
+        self._layout()
+
+    def _layout(self) -> None:
+        offset = 0
+        self._slots = []
+        for _, _, tensor, _ in _tensors(self.module):
+            nbytes = tensor.numel() * tensor.element_size()
+            self._slots.append(_Slot(offset, nbytes, tensor.dtype, tensor.shape))
+            offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        self.nbytes = offset
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(_tensors(self.module)))[2].device
+
+    def _rebind(self, flat: torch.Tensor) -> None:
+        """Point every tensor of the module at its view of `flat` (no copy)."""
+        for (owner, name, tensor, is_param), slot in zip(_tensors(self.module), self._slots):
+            view = flat[slot.offset: slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+            if is_param:
+                owner._parameters[name] = nn.Parameter(view, requires_grad=False)
+            else:
+                owner._buffers[name] = view
+
+    def _make_host_copy(self) -> None:
+        flat = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        for (_, _, tensor, _), slot in zip(_tensors(self.module), self._slots):
+            flat[slot.offset: slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape).copy_(tensor)
+        self._host = flat
+
+    def to_host(self) -> None:
+        """Leave the device: the first time the weights are copied to the host copy, later they are just
+        dropped from the device (the host copy already holds them)."""
+        if self.device.type == "cpu":
+            return
+        if self._host is None:
+            self._make_host_copy()
+        self._rebind(self._host)
+
+    def to_device(self, device: torch.device) -> None:
+        """Come back: one flat device buffer, filled from the host copy (asynchronously when it is pinned)."""
+        device = torch.device(device)
+        if self.device == device:
+            return
+        if self._host is None:
+            self._make_host_copy()
+        flat = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        flat.copy_(self._host, non_blocking=self.pin)
+        self._rebind(flat)
+
+    def drop_host_copy(self) -> None:
+        self._host = None
+
+
+def host_copy_plan(nbytes: int) -> str | None:
+    """How a stage of `nbytes` leaves the GPU: "pinned" (page-locked host copy: fast asynchronous copies),
+    "pageable" (a plain host copy), or None (no room on the host: drop it and re-read the files later).
+    Pinned memory cannot be swapped out, so it is used only while it leaves the host half of what it has."""
+    available = host_memory_available()
+    if not torch.cuda.is_available() or available == 0:
+        return None
+    if nbytes < 0.5 * available:
+        return "pinned"
+    if nbytes < 0.8 * available:
+        return "pageable"
+    return None
