@@ -1,86 +1,221 @@
 """Command line: python -m glm_core --prompt "..." [--model DIR] [--ref IMAGE ...] --out image.png
 
 Without --model it writes (once) and uses a tiny checkpoint with RANDOM weights, so the whole path can be
-tried on any machine; its pictures are noise.
+tried on any machine in about a minute; its pictures are noise.
+
+Reuse an AR result: --save-tokens FILE keeps the token grid; --load-tokens FILE decodes it again (same
+prompt, size and references) without running the AR stage.
+
+Everything about the request is checked before any weight is read; errors exit with code 2, Ctrl-C with 130.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+DTYPES = ("bf16", "fp16", "fp32")
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                  ".tiff": "TIFF"}
+DEMO_SIDE, DEMO_STEPS = 512, 8
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m glm_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="GLM-Image folder (zai-org/GLM-Image layout); "
-                        "omitted: a tiny random-weight demo checkpoint")
-    parser.add_argument("--prompt", required=True, help='what to draw; quote text to render, e.g. a sign "OPEN"')
-    parser.add_argument("--width", type=int, default=None, help="multiple of 32 in [512, 2048] (default 1024; 512 for the demo)")
-    parser.add_argument("--height", type=int, default=None, help="multiple of 32 in [512, 2048] (default 1024; 512 for the demo)")
-    parser.add_argument("--ref", type=Path, action="append", default=[], help="reference image (repeatable): editing / multi-subject")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the DiT's initial noise")
-    parser.add_argument("--ar-seed", type=int, default=None, help="seed of the AR token sampling (default: --seed)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None, help="0 disables top-k")
-    parser.add_argument("--batch", type=int, default=1, help="images from one prompt (AR seeds ar-seed, ar-seed+1, ...)")
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip torch.compile of the AR decode layer and DiT blocks (on by default on CUDA; "
-                        "saves ~30 s of compiling for a single image)")
-    parser.add_argument("--tokens-only", action="store_true", help="stop after the AR stage and print the token grid")
-    parser.add_argument("--save-tokens", type=Path, help="also write the AR tokens to this .safetensors file")
-    parser.add_argument("--out", type=Path, default=Path("glm_image.png"), help="output PNG (batch: name_0.png, ...)")
-    return parser.parse_args(argv)
+    p = argparse.ArgumentParser(prog="python -m glm_core", description=__doc__, formatter_class=_Help)
+    p.add_argument("--model", type=Path, help="GLM-Image folder (zai-org/GLM-Image layout); omitted: a tiny "
+                   "random-weight demo checkpoint")
+    p.add_argument("--prompt", required=True, help='what to draw, or how to change the references; quote text to '
+                   'render, e.g. a sign that says "OPEN"')
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 32 in [512, 2048] (default 1024; "
+                   f"{DEMO_SIDE} for the demo)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 32 in [512, 2048] (default 1024; "
+                   f"{DEMO_SIDE} for the demo)")
+    p.add_argument("--ref", type=Path, action="append", default=[], help="reference image (repeatable): one to "
+                   "edit it, several to combine subjects")
+    p.add_argument("--seed", type=int, default=0, help="seed of the DiT's initial noise")
+    p.add_argument("--ar-seed", type=int, default=None, help="seed of the AR token sampling (default: --seed)")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default 50; {DEMO_STEPS} for the demo)")
+    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1 = off, twice as "
+                   "fast)")
+    p.add_argument("--temperature", type=float, default=None, help="AR sampling temperature: lower gives safer, "
+                   "more uniform layouts (default: the checkpoint's generation_config.json, 0.9)")
+    p.add_argument("--top-p", type=float, default=None, help="AR nucleus sampling: keep the most likely tokens "
+                   "covering this probability mass; 1 turns it off (default: the checkpoint's, 0.75)")
+    p.add_argument("--top-k", type=int, default=None, help="AR sampling: keep only the k most likely tokens; 0 "
+                   "turns it off (default 50)")
+    p.add_argument("--batch", type=int, default=1, help="images from one prompt (AR seeds ar-seed, ar-seed+1, ...)")
+    p.add_argument("--device", default=None, help="cuda / cuda:N / cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--placement", choices=("auto", "gpu", "sequential"), default="auto",
+                   help="where the stages' weights stay: auto = what fits the free GPU memory, gpu = all on the "
+                   "GPU, sequential = one stage at a time")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the AR decode layer and DiT "
+                   "blocks (on by default on CUDA; compiling costs time on the first image of a process)")
+    p.add_argument("--tokens-only", action="store_true", help="stop after the AR stage and print the token grid")
+    p.add_argument("--save-tokens", type=Path, help="also write the AR tokens to this .safetensors file")
+    p.add_argument("--load-tokens", type=Path, help="decode tokens saved with --save-tokens instead of running the "
+                   "AR (give the same prompt, size and references)")
+    p.add_argument("--out", type=Path, default=Path("glm_image.png"), help="output image (.png, .jpg, .webp, ...); "
+                   "a batch writes name_0.png, name_1.png, ...")
+    return p.parse_args(argv)
 
 
-class ProgressLine:
-    """One self-overwriting progress line on stderr per stage."""
+class UsageError(ValueError):
+    """A bad command line, found before anything was loaded."""
+
+
+def output_paths(out: Path, batch: int) -> list[Path]:
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {out}: unknown image extension {out.suffix or '(none)'}; use one of "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'image.png'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"--out {out}: cannot write into {existing}; choose a writable folder")
+    if batch == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
+
+
+def check_args(args, width: int, height: int, steps: int) -> None:
+    """Every problem with the command line, named together, before the model is opened."""
+    from .ar.config import Sampling
+    from .pipeline import check_decode_settings
+    from .processor import validate_target_size
+
+    problems = []
+    for check in (lambda: validate_target_size(height, width),
+                  lambda: check_decode_settings(steps, args.guidance),
+                  lambda: Sampling(*(v if v is not None else d for v, d in
+                                     zip((args.temperature, args.top_p, args.top_k), (1.0, 1.0, 0)))).validate(),
+                  lambda: output_paths(args.out, args.batch)):
+        try:
+            check()
+        except ValueError as error:
+            problems.append(str(error))
+    if args.batch < 1:
+        problems.append(f"--batch must be >= 1, got {args.batch}")
+    for path in args.ref:
+        if not path.is_file():
+            problems.append(f"--ref {path}: file not found")
+    if args.load_tokens is not None and not args.load_tokens.is_file():
+        problems.append(f"--load-tokens {args.load_tokens}: file not found")
+    if args.load_tokens is not None and args.tokens_only:
+        problems.append("--load-tokens and --tokens-only together do nothing; drop one")
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+class ProgressLines:
+    """Progress of one stage on stderr with elapsed time and ETA: one self-overwriting line on a terminal, plain
+    lines (about every 10%) when stderr goes to a file or a log."""
 
     def __init__(self, label: str):
-        self.label, self.start = label, time.perf_counter()
+        self.label, self.start, self.tty = label, time.perf_counter(), sys.stderr.isatty()
+        self.next_report = 0.0
 
     def __call__(self, done: int, total: int) -> None:
         elapsed = time.perf_counter() - self.start
-        end = "\n" if done >= total else ""
-        print(f"\r{self.label}: {done}/{total} ({elapsed:.1f} s)", end=end, file=sys.stderr, flush=True)
+        eta = elapsed / done * (total - done) if done else 0.0
+        text = f"{self.label}: {done}/{total} ({elapsed:.1f} s, ETA {eta:.1f} s)"
+        if self.tty:
+            print(f"\r{text}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        elif done >= total or done / total >= self.next_report:
+            print(text, file=sys.stderr, flush=True)
+            self.next_report = done / total + 0.1
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def print_load(stage: str, nbytes: int, seconds: float) -> None:
+    names = {"vision": "vision tower", "ar": "AR", "glyph": "glyph encoder", "dit": "DiT", "vae": "VAE"}
+    print(f"loaded {names.get(stage, stage)} weights ({nbytes / 1e9:.1f} GB) in {seconds:.1f} s", file=sys.stderr,
+          flush=True)
+
+
+def save_images(images, paths: list[Path], demo: bool) -> None:
+    """Each image to a temporary file beside its target, then renamed over it: an existing file is replaced
+    whole or not at all. If a target cannot be written, the image goes to a fallback file in the temporary
+    folder, and the message says where."""
+    import numpy as np
     from PIL import Image
 
-    from .pipeline import GlmImage, decode, encode_prompt, generate_tokens, save_tokens
+    for image, path in zip(images, paths):
+        picture = Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
+                                             delete=False) as handle:
+                partial = Path(handle.name)
+            try:
+                picture.save(partial, format=IMAGE_SUFFIXES[path.suffix.lower()])
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+            print(f"wrote {path}" + (" (random-weight demo: noise)" if demo else ""))
+        except OSError as error:
+            fallback = Path(tempfile.gettempdir()) / f"glm_image_{int(time.time())}_{path.stem}.png"
+            picture.save(fallback, format="PNG")
+            print(f"error: could not write {path} ({error}); the image was saved to {fallback} instead",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
 
+
+def run(args) -> int:
     demo = args.model is None
+    width = args.width if args.width is not None else (DEMO_SIDE if demo else 1024)
+    height = args.height if args.height is not None else (DEMO_SIDE if demo else 1024)
+    steps = args.steps if args.steps is not None else (DEMO_STEPS if demo else 50)
+    check_args(args, width, height, steps)
+    paths = output_paths(args.out, args.batch)
+
+    import torch
+
+    from .pipeline import GlmImage, decode, encode_prompt, generate_tokens, load_tokens, save_tokens
+
     if demo:
         from .demo_checkpoint import write_demo_checkpoint
 
         folder = write_demo_checkpoint()
-        print(f"No --model given: using the tiny RANDOM-WEIGHT demo checkpoint at {folder}.\n"
-              "Its images are noise. Pass --model /path/to/GLM-Image for real pictures.", file=sys.stderr)
+        print(f"No --model given: using the tiny RANDOM-WEIGHT demo checkpoint at {folder} ({steps} steps unless "
+              "--steps is given).\nIts images are noise. Pass --model /path/to/GLM-Image for real pictures.",
+              file=sys.stderr)
     else:
         folder = args.model
-    default_side = 512 if demo else 1024
-    width, height = args.width or default_side, args.height or default_side
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    model = GlmImage.from_folder(folder, device=args.device, dtype=dtype, placement=args.placement,
+                                 compile=False if args.no_compile else None)
+    model.on_load = print_load
+    stages = ["glyph", "dit", "vae"] if not args.tokens_only else []
+    if args.load_tokens is None:
+        stages.append("ar")
+    if args.ref:
+        stages.append("vision")
+    model.check(stages)  # every file the run will read, before the first weight is
+    tokens = load_tokens(args.load_tokens) if args.load_tokens is not None else None
+    from PIL import Image
 
-    try:
-        model = GlmImage.from_folder(folder, device=args.device, dtype=DTYPES.get(args.dtype),
-                                     compile=False if args.no_compile else None)
-        references = [Image.open(path) for path in args.ref]
-        cond = encode_prompt(model, args.prompt, width, height, references)
+    references = []
+    for path in args.ref:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                references.append(image.copy())
+        except OSError as error:
+            raise UsageError(f"--ref {path}: not a readable image ({error})") from None
+    cond = encode_prompt(model, args.prompt, width, height, references)
+    if tokens is None:
         ar_seed = args.seed if args.ar_seed is None else args.ar_seed
         tokens = generate_tokens(model, cond, seed=ar_seed, temperature=args.temperature, top_p=args.top_p,
-                                 top_k=args.top_k, batch_size=args.batch, progress=ProgressLine("AR tokens"))
+                                 top_k=args.top_k, batch_size=args.batch, progress=ProgressLines("AR tokens"))
         if args.save_tokens:
             print(f"tokens written to {save_tokens(tokens, args.save_tokens)}", file=sys.stderr)
         if args.tokens_only:
@@ -89,19 +224,34 @@ def main(argv=None) -> int:
             for row in grid[0].tolist():
                 print(" ".join(f"{t:5d}" for t in row))
             return 0
-        model.unload("ar")  # the tokens exist: the DiT stage never needs the AR weights again
-        images = decode(model, cond, tokens, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                        progress=ProgressLine("DiT steps"))
-    except (ValueError, FileNotFoundError, OSError) as error:
+        model.unload("ar")  # the tokens exist: this run never needs the AR weights again
+    images = decode(model, cond, tokens, steps=steps, guidance=args.guidance, seed=args.seed,
+                    progress=ProgressLines("DiT steps"))
+    save_images(images, paths if len(images) == len(paths) else output_paths(args.out, len(images)), demo)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("glm_core").addHandler(handler)
+    logging.getLogger("glm_core").setLevel(logging.INFO)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:  # bad input, bad files, GPU memory (NotEnoughGpuMemory is a RuntimeError)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    paths = [args.out] if images.shape[0] == 1 else [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}")
-                                                      for i in range(images.shape[0])]
-    for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 255).round().clamp(0, 255).to(torch.uint8).numpy()).save(path)
-        print(f"wrote {path}" + (" (random-weight demo: noise)" if demo else ""))
-    return 0
+    except RuntimeError as error:
+        from .memory import NotEnoughGpuMemory
+
+        if isinstance(error, NotEnoughGpuMemory):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -302,8 +302,10 @@ def _read_failure(path: Path, exc: BaseException, device: torch.device) -> Excep
 
 def load_weights(module: nn.Module, component_dir, *, device, dtype,
                  keep_fp32: Callable[[str], bool] | None = None,
-                 ignore_keys: Callable[[str], bool] | None = None) -> None:
+                 ignore_keys: Callable[[str], bool] | None = None, dry_run: bool = False) -> None:
     """Strictly load a component's safetensors into `module` (usually built on the meta device).
+
+    dry_run: every check (files, headers, keys, shapes) and nothing read: what `GlmImage.check` runs.
 
     Floating tensors become `dtype` (or fp32 where `keep_fp32(key)`), on `device`, read one at a
     time; integer and bool tensors keep their dtype; `dtype=None` keeps the stored dtype.
@@ -373,6 +375,8 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
         raise CheckpointError(
             f"{where}: missing key(s) in the checkpoint: {shown}{more}; expected every "
             f"{type(module).__name__} parameter and persistent buffer to be stored")
+    if dry_run:
+        return
 
     # Read and assign one tensor at a time, in file order; fused parts are concatenated on the device.
     plan.sort(key=lambda item: str(checkpoint[item[0][0]][2]))

@@ -170,8 +170,8 @@ def _keep_fp32_rule(dtype: torch.dtype):
     return _keep_in_fp32 if dtype == torch.float16 else None
 
 
-def load_glyph_encoder(checkpoint_folder, device, dtype) -> GlyphEncoder:
-    """GlyphEncoder from a GLM-Image folder's `text_encoder/` and `tokenizer/` (eval mode)."""
+def load_glyph_encoder(checkpoint_folder, device, dtype, *, dry_run: bool = False) -> GlyphEncoder:
+    """GlyphEncoder from a GLM-Image folder's `text_encoder/` and `tokenizer/` (eval mode); dry_run: checks only."""
     from transformers import T5Config, T5EncoderModel
 
     from .checkpoint import load_weights, open_checkpoint
@@ -185,5 +185,6 @@ def load_glyph_encoder(checkpoint_folder, device, dtype) -> GlyphEncoder:
     # `shared` and `encoder.embed_tokens` are one tied matrix; the file may hold either or both.
     # Share one Parameter so load_weights fills both names from whichever key is stored.
     text_encoder.encoder.embed_tokens = text_encoder.shared
-    load_weights(text_encoder, component, device=device, dtype=dtype, keep_fp32=_keep_fp32_rule(dtype))
+    load_weights(text_encoder, component, device=device, dtype=dtype, keep_fp32=_keep_fp32_rule(dtype),
+                 dry_run=dry_run)
     return GlyphEncoder(text_encoder.eval().requires_grad_(False), tokenizer)

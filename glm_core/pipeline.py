@@ -141,6 +141,13 @@ class GlmImage:
                      working_bytes / GB)
             self.release(name)
 
+    def check(self, names: Sequence[str] = STAGES) -> None:
+        """Everything about these stages' files that can be known without reading a weight: configs, shard
+        indexes, every shard's header (truncated files), keys and shapes against the modules built on the meta
+        device. CheckpointError names the first problem."""
+        for name in names:
+            _LOADERS[name](self.checkpoint.root, "meta", self.dtype, dry_run=True)
+
     def _make_room(self, names: Sequence[str], weights_needed: int, working_bytes: int) -> None:
         needed = weights_needed + working_bytes
         others = [name for name in STAGES if name not in names and self.on_device(name)]

@@ -76,9 +76,11 @@ def validate_target_size(height, width, *, min_side: int = MIN_TARGET_SIDE,
 
     The defaults are the documented 512–2048 range; tiny test models may pass a smaller min_side.
     """
-    for name, value in (("height", height), ("width", width)):
+    messages = []
+    for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be an integer number of pixels, got {value!r}")
+            messages.append(f"{name} must be an integer number of pixels, got {value!r}")
+            continue
         value = int(value)
         problems = []
         if value % SIZE_MULTIPLE:
@@ -89,9 +91,10 @@ def validate_target_size(height, width, *, min_side: int = MIN_TARGET_SIDE,
             problems.append(f"is above the maximum {max_side}")
         if problems:
             nearest = " or ".join(str(v) for v in _nearest_valid(value, min_side, max_side))
-            raise ValueError(
-                f"{name} {value} {' and '.join(problems)}; GLM-Image needs multiples of {SIZE_MULTIPLE} "
-                f"between {min_side} and {max_side} pixels per side. Nearest valid {name}: {nearest}")
+            messages.append(f"{name} {value} {' and '.join(problems)} (nearest valid {name}: {nearest})")
+    if messages:
+        raise ValueError(f"{'; '.join(messages)}. GLM-Image needs multiples of {SIZE_MULTIPLE} between {min_side} "
+                         f"and {max_side} pixels per side")
 
 
 def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 512 * 512,

@@ -332,8 +332,9 @@ def _raise_if_not_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) ->
             "Load the VAE in float32 or bfloat16 instead.")
 
 
-def load_vae(checkpoint_folder, device, dtype: torch.dtype) -> GlmImageVAE:
-    """Build the VAE from `<folder>/vae/config.json` on the meta device and load its weights strictly."""
+def load_vae(checkpoint_folder, device, dtype: torch.dtype, *, dry_run: bool = False) -> GlmImageVAE:
+    """Build the VAE from `<folder>/vae/config.json` on the meta device and load its weights strictly (dry_run:
+    checks only)."""
     from .checkpoint import CheckpointFolder, load_weights, open_checkpoint
 
     folder = checkpoint_folder if isinstance(checkpoint_folder, CheckpointFolder) else open_checkpoint(checkpoint_folder)
@@ -341,7 +342,7 @@ def load_vae(checkpoint_folder, device, dtype: torch.dtype) -> GlmImageVAE:
                                  source=str(Path(folder.component_dir(VAE_COMPONENT)) / "config.json"))
     with torch.device("meta"):
         vae = GlmImageVAE(config)
-    load_weights(vae, folder.component_dir(VAE_COMPONENT), device=device, dtype=dtype)
+    load_weights(vae, folder.component_dir(VAE_COMPONENT), device=device, dtype=dtype, dry_run=dry_run)
     return vae.eval()
 
 

@@ -126,12 +126,12 @@ def stage_patcher_class():
     """ComfyUI's ModelPatcher, specialised for a stage that runs whole or not at all (None outside ComfyUI).
 
     Our stages are plain torch modules, not built from comfy.ops, so they cannot run with some layers left on
-    the CPU (ComfyUI's "lowvram" partial loading), and the AR's fused q/k/v buffer is not a leaf parameter,
-    so a partial unload would report memory freed that is still held. Hence:
-    - partially_load always loads the whole stage (ComfyUI's CLIP and VAE do the same through
+    the CPU (ComfyUI's "lowvram" partial loading). Every way ComfyUI moves weights ends in the holder's `.to()`
+    (`nodes.model_patcher.GlmImageStage`), which moves the whole stage the core's way (one flat copy):
+    - load / partially_load bring the whole stage (ComfyUI's CLIP and VAE do the same through
       `force_full_load`; this also covers --novram, which would otherwise load nothing);
-    - partially_unload frees nothing, so ComfyUI's LoadedModel.model_unload falls through to `detach()`,
-      which moves the whole stage to the offload device.
+    - partially_unload frees nothing, so ComfyUI's LoadedModel.model_unload falls through to `detach()`, whose
+      unpatch_model moves the whole stage to the offload device.
     """
     model_patcher = _model_patcher()
     if model_patcher is None or _model_management() is None:
@@ -140,15 +140,37 @@ def stage_patcher_class():
     cls = _STAGE_PATCHER_CLASSES.get(base)
     if cls is None:
         class GlmImageStagePatcher(base):
+            def load(self, device_to=None, *args, **kwargs):
+                if device_to is not None:
+                    self.model.to(device_to)
+
             def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
-                return super().partially_load(device_to, max(extra_memory, 2 * self.model_size() + 1), *args,
-                                              **kwargs)
+                before = self.model.model_loaded_weight_memory
+                self.model.to(device_to)
+                return self.model.model_loaded_weight_memory - before
 
             def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
                 return 0
 
+            def unpatch_model(self, device_to=None, unpatch_weights=True):
+                if unpatch_weights and device_to is not None:
+                    self.model.to(device_to)
+
+            def detach(self, unpatch_all=True):
+                if unpatch_all:
+                    self.unpatch_model(self.offload_device, unpatch_weights=True)
+                return self.model
+
         cls = _STAGE_PATCHER_CLASSES[base] = GlmImageStagePatcher
     return cls
+
+
+def placement_from_flags() -> str:
+    """The placement ComfyUI's memory flags ask for: --highvram / --gpu-only keep everything on the GPU,
+    --lowvram / --novram one stage at a time, otherwise "auto" (outside ComfyUI too)."""
+    model_management = _model_management()
+    state = getattr(getattr(model_management, "vram_state", None), "name", "")
+    return {"HIGH_VRAM": "gpu", "LOW_VRAM": "sequential", "NO_VRAM": "sequential"}.get(state, "auto")
 
 
 def load_models(patchers) -> None:

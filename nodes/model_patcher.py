@@ -1,17 +1,19 @@
 """Our pipeline stages as models ComfyUI's model management knows: one ModelPatcher per loaded stage.
 
 ComfyUI can only make room for other nodes by unloading models it knows about: those that went through
-`comfy.model_management.load_models_gpu([patcher])`. Each loaded stage of a `GlmImage` ("ar", "glyph",
+`comfy.model_management.load_models_gpu([patcher])`. Each loaded stage of a `GlmImage` ("vision", "ar", "glyph",
 "dit", "vae") is wrapped in a thin `nn.Module` holder (our stage modules define `device` / `dtype` as
 read-only properties, and ModelPatcher writes `device`, `model_loaded_weight_memory`,
 `lowvram_patch_counter`, ... onto the module it wraps) and given a `ModelPatcher` whose load device is the
 model's device and whose offload device is ComfyUI's `unet_offload_device()`. When another node needs the
-memory, ComfyUI detaches our patcher, which moves the holder, and with it the stage's weights, to the
-offload device; the next node of ours that needs the stage asks `load_models_gpu` for it again.
+memory, ComfyUI unloads our patcher; the holder's `.to()` then takes the stage off the GPU the core's way
+(into its host copy: one copy the first time, nothing afterwards) instead of converting each tensor, and the
+next node of ours that needs the stage asks `load_models_gpu` for it again (one host-to-device copy).
 
-The patchers live here, keyed weakly by the `GlmImage`: when ComfyUI drops the loader's output, its
-patchers, holders and weights go with it (and ComfyUI's finalizer takes them off its loaded list).
-Outside ComfyUI nothing here is used: `available()` is False and the nodes keep the core's own offloading.
+The holder reports where the stage really is (`device`, `model_loaded_weight_memory`), so ComfyUI's accounting
+stays true when the core itself moved a stage. The patchers live here, keyed weakly by the `GlmImage`: when
+ComfyUI drops the loader's output, its patchers, holders and weights go with it (and ComfyUI's finalizer takes
+them off its loaded list). Outside ComfyUI nothing here is used: `available()` is False.
 """
 from __future__ import annotations
 
@@ -23,17 +25,44 @@ from . import comfy_services
 
 
 class GlmImageStage(torch.nn.Module):
-    """What a ModelPatcher wraps: one pipeline stage as the holder's only child, so `.to()`, `state_dict()`
-    and `named_modules()` (what ModelPatcher sizes and moves) cover exactly the stage's weights, and the
-    attributes ModelPatcher sets land on the holder, not on the stage module."""
+    """What a ModelPatcher wraps: one pipeline stage as the holder's only child, so `state_dict()` and
+    `named_modules()` (what ModelPatcher sizes) cover exactly the stage's weights, and the attributes
+    ModelPatcher sets land on the holder, not on the stage module."""
 
     stage_name = "stage"
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, model, module: torch.nn.Module):
         super().__init__()
         self.stage_module = module
-        # Where the weights are now (ModelPatcher keeps this attribute up to date from here on).
-        self.device = next(module.parameters()).device
+        self._owner = weakref.ref(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stage_module.parameters()).device
+
+    @device.setter
+    def device(self, value) -> None:  # ModelPatcher writes it; the truth is where the weights are
+        pass
+
+    @property
+    def model_loaded_weight_memory(self) -> int:
+        on_gpu = self.device.type != "cpu"
+        return sum(t.numel() * t.element_size() for t in self.stage_module.state_dict().values()) if on_gpu else 0
+
+    @model_loaded_weight_memory.setter
+    def model_loaded_weight_memory(self, value) -> None:
+        pass
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        owner = self._owner()
+        if owner is None or dtype is not None or device is None:
+            return super().to(*args, **kwargs)
+        if torch.device(device) == owner.device:
+            owner.prepare([self.stage_name])  # back from the host copy (ComfyUI made the room)
+        else:
+            owner.release(self.stage_name)
+        return self
 
 
 # One class per stage so that ComfyUI's log ("Requested to load GlmImageDiTStage") says which one.
@@ -84,7 +113,7 @@ def patcher_for(model, stage: str):
     if patcher is None:
         module = model.stage_modules()[stage]
         patcher = comfy_services.stage_patcher_class()(
-            HOLDERS[stage](module), load_device=model.device, offload_device=comfy_services.offload_device())
+            HOLDERS[stage](model, module), load_device=model.device, offload_device=comfy_services.offload_device())
         _PATCHERS.setdefault(model, {})[stage] = patcher
     return patcher
 
@@ -111,7 +140,7 @@ def offload_stage(model, stage: str) -> bool:
         return False
     patcher = registered_patcher(model, stage)
     if patcher is not None:
-        patcher.detach()  # what ComfyUI itself does to unload a model: weights to the offload device
+        patcher.detach()  # what ComfyUI itself does to unload a model: the holder's .to(offload device)
     else:
-        model.offload(stage)
+        model.release(stage)
     return True

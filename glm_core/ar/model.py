@@ -254,7 +254,7 @@ def is_vision_key(key: str) -> bool:
 
 
 def load_ar(checkpoint_folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-            *, compile: bool | None = None) -> GlmImageAR:
+            *, compile: bool | None = None, dry_run: bool = False) -> GlmImageAR:
     """Build the text decoder on the meta device and assign the checkpoint's weights straight to device/dtype
     (the vision tower's keys in the same files are left for `vision.load_vision`)."""
     from ..checkpoint import load_weights, open_checkpoint
@@ -265,6 +265,6 @@ def load_ar(checkpoint_folder: str | Path, device: torch.device | str = "cpu", d
     config = ARConfig.from_folder(component)
     with torch.device("meta"):
         model = GlmImageAR(config)
-    load_weights(model, component, device=device, dtype=dtype, ignore_keys=is_vision_key)
+    load_weights(model, component, device=device, dtype=dtype, ignore_keys=is_vision_key, dry_run=dry_run)
     model.compile_backend = compile_backend(device, compile)
     return model.eval().requires_grad_(False)

@@ -209,7 +209,7 @@ class VisionTokenizer(nn.Module):
         return torch.cat(ids)
 
 
-def load_vision(checkpoint_folder, device, dtype) -> VisionTokenizer:
+def load_vision(checkpoint_folder, device, dtype, *, dry_run: bool = False) -> VisionTokenizer:
     """The vision tower + VQ from a GLM-Image folder's vision_language_encoder/ (the text decoder's keys skipped)."""
     from ..checkpoint import load_weights, open_checkpoint
     from .model import is_vision_key
@@ -219,5 +219,6 @@ def load_vision(checkpoint_folder, device, dtype) -> VisionTokenizer:
     config = ARConfig.from_folder(component)
     with torch.device("meta"):
         model = VisionTokenizer(config)
-    load_weights(model, component, device=device, dtype=dtype, ignore_keys=lambda key: not is_vision_key(key))
+    load_weights(model, component, device=device, dtype=dtype, ignore_keys=lambda key: not is_vision_key(key),
+                 dry_run=dry_run)
     return model.eval().requires_grad_(False)

@@ -184,7 +184,7 @@ class GlmImageDiT(nn.Module):
         return ReferenceKV.concat(parts)
 
 
-def load_dit(checkpoint_folder, device, dtype, *, compile: bool | None = None) -> GlmImageDiT:
+def load_dit(checkpoint_folder, device, dtype, *, compile: bool | None = None, dry_run: bool = False) -> GlmImageDiT:
     """GlmImageDiT from a GLM-Image folder's `transformer/` (built on meta, weights assigned, eval mode)."""
     from ..checkpoint import load_weights, open_checkpoint
     from ..compiling import compile_backend
@@ -194,6 +194,6 @@ def load_dit(checkpoint_folder, device, dtype, *, compile: bool | None = None) -
     config = DiTConfig.from_dict(folder.read_config("transformer"), source=str(component / "config.json"))
     with torch.device("meta"):
         model = GlmImageDiT(config)
-    load_weights(model, component, device=device, dtype=dtype)
+    load_weights(model, component, device=device, dtype=dtype, dry_run=dry_run)
     model.compile_backend = compile_backend(device, compile)
     return model.eval().requires_grad_(False)
