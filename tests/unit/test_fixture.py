@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from glm_core import tiny
+from tests.paths import REPO_ROOT
 from tests.reference import (
     reference_ar,
     reference_ar_inputs,
@@ -349,7 +350,7 @@ def test_tiny_module_imports_no_reference_library():
     code = ("import sys, glm_core.tiny; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers')); "
             "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
