@@ -1,6 +1,6 @@
 """Load the reference implementations (transformers 5.23 / diffusers 0.42.1) from a GLM-Image folder.
 
-For parity tests only: glm_core never imports these classes. Everything loads offline from the
+For tests only: glm_core never imports these classes. Everything loads offline from the
 local folder (`local_files_only=True`, HF offline env vars set before the libraries are imported).
 
 Usage:
@@ -129,7 +129,14 @@ def reference_image_tokens(ar_model, pixel_values: torch.Tensor, grids: torch.Te
     return ar_model.get_image_tokens(features)
 
 
+def assert_loaded_cleanly(info: dict, what: str) -> None:
+    """`info` from a loader called with `output_loading_info=True` lists nothing missing, unexpected or mismatched."""
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info[key], f"{what}: {key} = {info[key]}"
+
+
 __all__ = [
-    "reference_ar", "reference_ar_inputs", "reference_byt5_tokenizer", "reference_dit", "reference_image_tokens",
-    "reference_pipeline", "reference_processor", "reference_scheduler", "reference_t5", "reference_vae",
+    "assert_loaded_cleanly", "reference_ar", "reference_ar_inputs", "reference_byt5_tokenizer", "reference_dit",
+    "reference_image_tokens", "reference_pipeline", "reference_processor", "reference_scheduler", "reference_t5",
+    "reference_vae",
 ]

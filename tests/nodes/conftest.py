@@ -1,5 +1,6 @@
 """Fixtures for the node-pack tests: ComfyUI stubs, the pack loaded from a randomly named folder, ComfyUI-like
-folders per test, and model folders (a fake one for definition checks, the tiny checkpoint for execution)."""
+folders per test, and model folders (a fake one for definition checks, the tiny checkpoint for execution).
+Plain helpers for the same folders: comfy_files.py."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ComfyStubs, class_mappings, copy_pack, load_pack, object_info, unload_pack
+from tests.nodes.comfy_files import install_checkpoint, models_dir, write_reference_images
 from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER
 
 @pytest.fixture(scope="session")
@@ -40,10 +42,6 @@ def comfy(comfy_stubs, tmp_path):
     comfy_stubs.reset_records()
 
 
-def models_dir(comfy) -> Path:
-    return Path(comfy.modules["folder_paths"].models_dir)
-
-
 @pytest.fixture
 def fake_model_folder(comfy) -> Path:
     """models/glm_image/GLM-Image holding only a GLM-Image model_index.json (enough for the folder list)."""
@@ -51,25 +49,6 @@ def fake_model_folder(comfy) -> Path:
     folder.mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
     return folder
-
-
-def install_checkpoint(comfy, checkpoint: Path) -> Path:
-    """Link a checkpoint as models/glm_image/GLM-Image, the shipped workflows' default name."""
-    link = models_dir(comfy) / "glm_image" / DEFAULT_MODEL_FOLDER
-    link.parent.mkdir(parents=True)
-    link.symlink_to(checkpoint, target_is_directory=True)
-    return link
-
-
-def write_reference_images(input_dir: Path) -> list[str]:
-    """Input images the shipped workflows load (LoadImage widgets), of different sizes."""
-    import PIL.Image
-
-    names = {"reference.png": (640, 512), "subject_1.png": (512, 512), "subject_2.png": (512, 768),
-             "subject_3.png": (768, 512)}
-    for index, (name, size) in enumerate(names.items()):
-        PIL.Image.new("RGB", size, (40 + 60 * index, 120, 200 - 40 * index)).save(input_dir / name)
-    return list(names)
 
 
 @pytest.fixture

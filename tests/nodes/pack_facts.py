@@ -5,8 +5,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 SHIPPED_WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
 DEFAULT_MODEL_FOLDER = "GLM-Image"  # the name the shipped workflows use (models/glm_image/GLM-Image)

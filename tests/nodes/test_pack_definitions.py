@@ -13,6 +13,7 @@ import pytest
 from tests.harness import PackLoadError, copy_pack, input_specs, load_pack
 from tests.harness.core_nodes import node_info
 
+from tests.nodes.comfy_files import models_dir
 from tests.nodes.pack_facts import EXPECTED_NODES, REPO_ROOT
 
 PACK_SOURCES = [REPO_ROOT / "__init__.py", *sorted((REPO_ROOT / "nodes").rglob("*.py")),
@@ -138,7 +139,7 @@ def test_node_defaults_match_the_model(pack, comfy, fake_model_folder):
 
 
 def test_loader_lists_glm_image_folders_from_both_roots(pack, comfy, fake_model_folder):
-    models = Path(comfy.modules["folder_paths"].models_dir)
+    models = models_dir(comfy)
     nested = models / "diffusers" / "zai-org" / "GLM-Image"
     nested.mkdir(parents=True)
     (nested / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))

@@ -29,7 +29,7 @@ import pytest
 
 from tests.harness import copy_pack, ui_to_api, validate_prompt
 from tests.harness.core_nodes import CORE_NODE_CLASS_MAPPINGS
-from tests.nodes.conftest import write_reference_images
+from tests.nodes.comfy_files import write_reference_images
 from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, EXPECTED_NODES, WORKFLOWS_DIR
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")

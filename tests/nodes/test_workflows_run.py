@@ -12,14 +12,13 @@ import gc
 import json
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import PIL.Image
 import pytest
 import torch
 
 from tests.harness import ComfyStubs, Executor, class_mappings, object_info, ui_to_api, validate_prompt
-from tests.nodes.conftest import install_checkpoint, write_reference_images
+from tests.nodes.comfy_files import install_checkpoint, models_dir, write_reference_images
 from tests.nodes.pack_facts import WORKFLOWS_DIR
 
 
@@ -180,7 +179,7 @@ def test_interrupt_during_dit_stops_within_one_step(server, comfy):
 
 
 def test_progress_previews_batch_and_memory_etiquette(server, comfy, tiny_checkpoint):
-    second_copy = Path(comfy.modules["folder_paths"].models_dir) / "glm_image" / "GLM-Image-copy"
+    second_copy = models_dir(comfy) / "glm_image" / "GLM-Image-copy"
     second_copy.symlink_to(tiny_checkpoint, target_is_directory=True)
     prompt = shipped_prompt(server, "text_to_image.json", steps=3)
     prompt[LOADER]["inputs"]["model_folder"] = second_copy.name  # a model with no stage loaded yet
@@ -309,7 +308,7 @@ DIT_STAGES = ("GlmImageGlyphStage", "GlmImageDiTStage", "GlmImageVAEStage")
 
 def fresh_model_prompt(server, comfy, tiny_checkpoint, name):
     """text_to_image on a model folder of its own (a GlmImage with no stage loaded yet)."""
-    folder = Path(comfy.modules["folder_paths"].models_dir) / "glm_image" / name
+    folder = models_dir(comfy) / "glm_image" / name
     if not folder.exists():
         folder.symlink_to(tiny_checkpoint, target_is_directory=True)
     prompt = shipped_prompt(server, "text_to_image.json")

@@ -8,107 +8,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from glm_core.ar.decode import cached_forced_logits, prepare_prompt, teacher_forced_logits
 from glm_core.ar.model import load_ar
-from tests.reference import reference_ar, reference_image_tokens, reference_processor
+from tests.compare import rel_err
+from tests.inputs import AR_CASES, build
+from tests.reference import reference_ar, reference_image_tokens
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-4  # relative Frobenius error, fp32 (fixture-notes §7: the reference differs from itself by ~3e-5)
 
 
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def reference_images(*sizes):
-    """Deterministic RGB test images of the given (H, W) sizes."""
-    g = torch.Generator().manual_seed(7)
-    images = []
-    for h, w in sizes:
-        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-        images.append(Image.fromarray(pixels))
-    return images
-
-
-def processor_inputs(processor, prompts, height, width, images=()):
-    """The reference processor's BatchFeature for one or several prompts (left-padded)."""
-    conversations = []
-    for prompt in prompts:
-        content = [{"type": "image", "image": image} for image in images]
-        content.append({"type": "text", "text": prompt})
-        conversations.append([{"role": "user", "content": content}])
-    return processor.apply_chat_template(
-        conversations if len(prompts) > 1 else conversations[0],
-        tokenize=True, return_dict=True, return_tensors="pt",
-        processor_kwargs={"target_h": height, "target_w": width, "padding": len(prompts) > 1},
-    )
-
-
-class Inputs:
-    """ARInputs-shaped view of the reference processor's output (same tensors for both sides)."""
-
-    def __init__(self, feature, t2i: bool):
-        self.input_ids = feature["input_ids"]
-        self.attention_mask = feature["attention_mask"]
-        self.image_grid_thw = feature["image_grid_thw"]
-        self.images_per_sample = feature["images_per_sample"]
-        self.pixel_values = feature.get("pixel_values")
-        grids = [tuple(g[1:]) for g in self.image_grid_thw.tolist()]
-        per_sample = int(self.images_per_sample[0])
-        if t2i:
-            self.target_grid, self.preview_grid = grids[per_sample - 2], grids[per_sample - 1]
-            self.reference_grids = []
-        else:
-            self.target_grid, self.preview_grid = grids[per_sample - 1], None
-            self.reference_grids = [g for i, g in enumerate(grids) if i % per_sample != per_sample - 1]
-        self.height, self.width = self.target_grid[0] * 32, self.target_grid[1] * 32
-
-    def reference_kwargs(self):
-        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                      "image_grid_thw": self.image_grid_thw, "images_per_sample": self.images_per_sample}
-        if self.pixel_values is not None:
-            kwargs["pixel_values"] = self.pixel_values
-        return kwargs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Token-by-token loops on a shared 2-core machine: OpenMP threads spinning against other
-    processes make each small op 100x slower; one thread is faster and gives the same numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    ours = load_ar(tiny_checkpoint, "cpu", torch.float32)
-    ref = reference_ar(tiny_checkpoint, torch.float32)
-    return ours, ref, reference_processor(tiny_checkpoint)
-
-
-CASES = {
-    "t2i": {"prompts": ["a red fox in the snow"], "size": (64, 96), "images": ()},
-    "t2i_batch_padded": {"prompts": ["a fox", "a much longer prompt about a fox in deep snow"], "size": (64, 64),
-                             "images": ()},
-    "edit_1ref": {"prompts": ["make it blue"], "size": (64, 64), "images": ((512, 512),)},
-    "edit_2ref": {"prompts": ["combine both"], "size": (96, 64), "images": ((512, 512), (512, 768))},
-}
-
-
-def build(models, case):
-    _, _, processor = models
-    spec = CASES[case]
-    feature = processor_inputs(processor, spec["prompts"], *spec["size"], images=reference_images(*spec["images"]))
-    return Inputs(feature, t2i=not spec["images"])
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_prefill_logits_match_reference(models, case):
-    ours, ref, _ = models
-    inputs = build(models, case)
+@pytest.mark.parametrize("case", list(AR_CASES))
+def test_prefill_logits_match_reference(ar_models, case):
+    ours, ref, _ = ar_models
+    inputs = build(ar_models, case)
     with torch.no_grad():
         ref_logits = ref(**inputs.reference_kwargs()).logits
     plan = prepare_prompt(ours, inputs)
@@ -120,9 +35,9 @@ def test_prefill_logits_match_reference(models, case):
 
 
 @pytest.mark.parametrize("case", ["edit_1ref", "edit_2ref"])
-def test_reference_image_ids_match_reference(models, case):
-    ours, ref, _ = models
-    inputs = build(models, case)
+def test_reference_image_ids_match_reference(ar_models, case):
+    ours, ref, _ = ar_models
+    inputs = build(ar_models, case)
     grids = torch.tensor([[1, h, w] for h, w in inputs.reference_grids])
     expected = reference_image_tokens(ref, inputs.pixel_values, grids)
     got = ours.image_token_ids(inputs.pixel_values, inputs.reference_grids)
@@ -131,24 +46,10 @@ def test_reference_image_ids_match_reference(models, case):
     assert expected.unique().numel() > 8, "VQ ids degenerate: the comparison would be weak"
 
 
-def test_precomputed_reference_ids_fill_the_prompt_like_the_vision_pass(models):
-    """The pipeline hands the AR the references' VQ ids it already computed: same prompt ids, no second pass;
-    ids of the wrong length are refused."""
-    ours, _, _ = models
-    inputs = build(models, "edit_2ref")
-    computed = prepare_prompt(ours, inputs).input_ids
-    inputs.reference_ids = ours.image_token_ids(inputs.pixel_values, inputs.reference_grids)
-    inputs.pixel_values = None  # proves the precomputed ids are what got used
-    assert torch.equal(prepare_prompt(ours, inputs).input_ids, computed)
-    inputs.reference_ids = inputs.reference_ids[:-1]
-    with pytest.raises(ValueError, match="precomputed reference ids"):
-        prepare_prompt(ours, inputs)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_positions_match_reference(models, case):
-    ours, ref, _ = models
-    inputs = build(models, case)
+@pytest.mark.parametrize("case", list(AR_CASES))
+def test_positions_match_reference(ar_models, case):
+    ours, ref, _ = ar_models
+    inputs = build(ar_models, case)
     ref_prefill, _ = ref.model.get_rope_index(
         inputs.input_ids, image_grid_thw=inputs.image_grid_thw,
         images_per_sample=inputs.images_per_sample, attention_mask=inputs.attention_mask,
@@ -163,10 +64,10 @@ def test_positions_match_reference(models, case):
 
 
 @pytest.mark.parametrize("case", ["t2i", "edit_2ref", "t2i_batch_padded"])
-def test_teacher_forced_generation_logits(models, case):
+def test_teacher_forced_generation_logits(ar_models, case):
     """A whole generation forced in one forward, with the reference's own decode positions."""
-    ours, ref, _ = models
-    inputs = build(models, case)
+    ours, ref, _ = ar_models
+    inputs = build(ar_models, case)
     plan = prepare_prompt(ours, inputs)
     batch, n_new = plan.input_ids.shape[0], plan.num_new_tokens
     forced = torch.randint(0, ours.config.codebook_size, (batch, n_new - 1), generator=torch.Generator().manual_seed(3))
@@ -199,10 +100,10 @@ def test_teacher_forced_generation_logits(models, case):
     assert err <= TOL, f"{case}: cached decode logits rel err {err:.2e}"
 
 
-def test_wrong_positions_are_detected(models):
+def test_wrong_positions_are_detected(ar_models):
     """Guard: the fixture is position-sensitive, so 1-D positions must break the comparison."""
-    ours, ref, _ = models
-    inputs = build(models, "edit_1ref")
+    ours, ref, _ = ar_models
+    inputs = build(ar_models, "edit_1ref")
     with torch.no_grad():
         ref_logits = ref(**inputs.reference_kwargs()).logits
     plan = prepare_prompt(ours, inputs)
@@ -212,13 +113,13 @@ def test_wrong_positions_are_detected(models):
 
 
 @pytest.mark.parametrize("case", ["t2i", "edit_1ref"])
-def test_bf16_matches_reference_bf16(tiny_checkpoint, models, case):
+def test_bf16_matches_reference_bf16(tiny_checkpoint, ar_models, case):
     """bf16 precision handling (fp32 norms cast before the weight, cos/sin cast to bf16, VQ in bf16):
     ours in bf16 vs the reference in bf16 on the same CPU. Rounding-order mistakes show up at ~1e-2
     (the reference's own bf16-vs-fp32 distance here), far above this bound."""
     ours16 = load_ar(tiny_checkpoint, "cpu", torch.bfloat16)
     ref16 = reference_ar(tiny_checkpoint, torch.bfloat16)
-    inputs = build(models, case)
+    inputs = build(ar_models, case)
     with torch.no_grad():
         ref_logits = ref16(**inputs.reference_kwargs()).logits.float()
     plan = prepare_prompt(ours16, inputs)

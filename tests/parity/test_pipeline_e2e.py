@@ -9,9 +9,7 @@ with PSNR >= 60 dB (issue 3 §3). Covered:
   (`tokens.reference_grid_ids`) are first checked against transformers' own VQ ids
   (`reference_image_tokens`), then the diffusers pipeline is driven unpatched with `prior_token_ids`,
   `prior_token_image_ids` and `source_image_grid_thw` (fixture-notes §7) — fed the *reference's* ids,
-  upsampled by the pipeline's own `_upsample_token_ids`, so nothing of ours leaks into that side;
-- `generate_tokens` through the pipeline is reproducible for a fixed seed, and item i of a batch uses
-  seed + i.
+  upsampled by the pipeline's own `_upsample_token_ids`, so nothing of ours leaks into that side.
 
 Reference images are already valid sizes (multiples of 32, short side >= 512), so
 `encode_prompt` leaves them untouched and both sides see the same pixels.
@@ -19,15 +17,13 @@ Reference images are already valid sizes (multiples of 32, short side >= 512), s
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from glm_core import pipeline
 from glm_core.ar.decode import PriorTokens, upsample_prior
+from tests.compare import psnr
+from tests.inputs import EDIT_CASES
 from tests.reference import (
     reference_ar,
     reference_ar_inputs,
@@ -40,27 +36,12 @@ MIN_PSNR = 60.0
 CODEBOOK = 16384
 
 
-def psnr(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB of two images in [0, 1] (inf when identical)."""
-    mse = ((ours.double() - ref.double()) ** 2).mean().item()
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
-
-
 def reference_upsample(grid_ids: torch.Tensor) -> torch.Tensor:
     """(gh, gw) -> (1, 4·gh·gw) with diffusers' own upsample (nearest, ×2)."""
     from diffusers import GlmImagePipeline
 
     gh, gw = grid_ids.shape
     return GlmImagePipeline._upsample_token_ids(grid_ids.reshape(1, -1), gh, gw)
-
-
-def make_picture(height: int, width: int, seed: int) -> PIL.Image.Image:
-    """A smooth gradient plus noise: the VQ sees varied codes, the VAE a non-trivial picture."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200.0
-    pixels = np.clip(base + rng.normal(0.0, 25.0, (height, width, 3)), 0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(pixels)
 
 
 def random_latents(height: int, width: int, seed: int) -> torch.Tensor:
@@ -70,11 +51,6 @@ def random_latents(height: int, width: int, seed: int) -> torch.Tensor:
 def random_prior(height: int, width: int, seed: int) -> PriorTokens:
     grid = torch.randint(0, CODEBOOK, (1, height // 32, width // 32), generator=torch.Generator().manual_seed(seed))
     return PriorTokens(grid_ids=grid, prior_ids=upsample_prior(grid), height=height, width=width, seeds=[seed])
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return pipeline.GlmImage.from_folder(tiny_checkpoint, device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -130,27 +106,6 @@ def test_text_to_image_prior_and_guidance_matter(model, ref_pipe):
 
 
 # -- editing ---------------------------------------------------------------------------------------
-
-EDIT_PROMPT = 'put the "CAT" sign on the left'
-EDIT_CASES = {
-    # name: (target height, width, [(reference height, width), ...], AR seed)
-    "one_reference": (512, 512, [(640, 512)], 11),
-    "two_references": (512, 640, [(512, 512), (512, 768)], 12),
-}
-
-
-@pytest.fixture(scope="module")
-def edit_runs(model):
-    """name -> (cond, tokens, progress calls): tokens sampled once through glm_core.pipeline.generate_tokens."""
-    runs = {}
-    for name, (height, width, sizes, seed) in EDIT_CASES.items():
-        references = [make_picture(h, w, seed=10 * seed + i) for i, (h, w) in enumerate(sizes)]
-        cond = pipeline.encode_prompt(model, EDIT_PROMPT, width, height, references)
-        progress: list[tuple[int, int]] = []
-        tokens = pipeline.generate_tokens(model, cond, seed=seed, progress=lambda done, total, calls=progress:
-                                          calls.append((done, total)))
-        runs[name] = (cond, tokens, progress)
-    return runs
 
 
 @pytest.fixture(scope="module")
@@ -216,34 +171,3 @@ def test_editing_without_cfg_matches_diffusers(model, ref_pipe, edit_runs):
     value = psnr(ours, ref)
     print(f"editing two_references guidance 1.0: PSNR {value:.1f} dB")
     assert value >= MIN_PSNR, f"editing, guidance 1.0: PSNR {value:.2f} dB < {MIN_PSNR}"
-
-
-# -- AR seeds through the pipeline ----------------------------------------------------------------
-
-
-def test_generate_tokens_reproducible(model, edit_runs):
-    """Same seed -> same tokens; batch item i uses seed + i (so item 0 repeats the single run)."""
-    cond, first, _ = edit_runs["one_reference"]
-    seed = EDIT_CASES["one_reference"][3]
-    again = pipeline.generate_tokens(model, cond, seed=seed, batch_size=2)
-    assert again.grid_ids.shape == (2, *first.grid_ids.shape[1:])
-    assert list(again.seeds) == [seed, seed + 1]
-    assert torch.equal(again.grid_ids[:1], first.grid_ids), "same seed, different tokens"
-    assert torch.equal(again.prior_ids[:1], first.prior_ids)
-    assert not torch.equal(again.grid_ids[1], again.grid_ids[0]), "seed + 1 gave the same tokens as seed"
-    assert len(again.reference_grid_ids) == len(first.reference_grid_ids)
-    for a, b in zip(again.reference_grid_ids, first.reference_grid_ids):
-        assert torch.equal(a, b)
-    assert int(first.grid_ids.max()) < CODEBOOK and int(first.grid_ids.min()) >= 0
-
-
-@pytest.mark.parametrize("name", list(EDIT_CASES))
-def test_generate_tokens_progress(edit_runs, name):
-    """progress(done, total): done rises strictly to total, total = the large grid + the EOS slot (editing)."""
-    cond, _, progress = edit_runs[name]
-    total = (cond.height // 32) * (cond.width // 32) + 1
-    assert progress, "no progress reported"
-    assert {t for _, t in progress} == {total}, progress
-    done = [d for d, _ in progress]
-    assert done[-1] == total, progress[-3:]
-    assert all(b > a for a, b in itertools.pairwise(done)), f"progress not strictly increasing: {progress[-3:]}"

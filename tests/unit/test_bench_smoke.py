@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.paths import REPO_ROOT
 
 
 def _run(module: str, out: Path, *args: str, timeout: int = 600) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("OUT", None)
-    proc = subprocess.run([sys.executable, "-m", module, "--tiny", "--out", str(out), *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", module, "--tiny", "--out", str(out), *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     stem = "bench" if module == "bench.run" else "parity"
@@ -66,7 +66,7 @@ def test_bench_phase_selection_and_checkpoint_folder(tmp_path, tiny_checkpoint):
 
 
 def test_bench_rejects_a_folder_that_is_not_glm_image(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--model", str(tmp_path)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--model", str(tmp_path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not a GLM-Image checkpoint folder" in proc.stderr
 

@@ -15,7 +15,9 @@ import torch
 from safetensors import safe_open
 
 from glm_core import tiny
+from tests.paths import REPO_ROOT
 from tests.reference import (
+    assert_loaded_cleanly,
     reference_ar,
     reference_ar_inputs,
     reference_byt5_tokenizer,
@@ -162,14 +164,9 @@ def test_t5_saves_shared_embedding_only(tiny_checkpoint):
 # ------------------------------------------------------------------------------------------------
 
 
-def _assert_clean(info: dict) -> None:
-    for field in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info[field], f"{field}: {info[field]}"
-
-
 def test_ar_loads_cleanly(tiny_checkpoint):
     model, info = reference_ar(tiny_checkpoint, output_loading_info=True)
-    _assert_clean(info)
+    assert_loaded_cleanly(info, "GlmImageForConditionalGeneration")
     assert model.config.image_token_id == tiny.IMAGE_TOKEN_ID
     assert model.config.text_config.vision_vocab_size == 16512
     assert model.generation_config.pad_token_id == tiny.IMAGE_TOKEN_ID
@@ -178,7 +175,7 @@ def test_ar_loads_cleanly(tiny_checkpoint):
 
 def test_t5_loads_cleanly(tiny_checkpoint):
     model, info = reference_t5(tiny_checkpoint, torch.bfloat16, output_loading_info=True)
-    _assert_clean(info)
+    assert_loaded_cleanly(info, "T5EncoderModel")
     # transformers 5.23 keeps `wo` in fp32 only for fp16 loading (`_keep_in_fp32_modules`); under
     # bf16 it is bf16 like the rest (spec §6.23 says otherwise). Flag it if the library changes.
     assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.bfloat16
@@ -187,9 +184,9 @@ def test_t5_loads_cleanly(tiny_checkpoint):
 
 def test_dit_and_vae_load_cleanly(tiny_checkpoint):
     _, info = reference_dit(tiny_checkpoint, output_loading_info=True)
-    _assert_clean(info)
+    assert_loaded_cleanly(info, "GlmImageTransformer2DModel")
     vae, info = reference_vae(tiny_checkpoint, output_loading_info=True)
-    _assert_clean(info)
+    assert_loaded_cleanly(info, "AutoencoderKL")
     assert vae.config.latents_mean == tiny.LATENTS_MEAN and vae.config.latents_std == tiny.LATENTS_STD
 
 
@@ -349,7 +346,7 @@ def test_tiny_module_imports_no_reference_library():
     code = ("import sys, glm_core.tiny; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'diffusers')); "
             "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 

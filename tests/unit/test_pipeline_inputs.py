@@ -20,11 +20,6 @@ from glm_core.ar.decode import PriorTokens, upsample_prior
 CODEBOOK = 16384
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return pipeline.GlmImage.from_folder(tiny_checkpoint, device="cpu", dtype=torch.float32)
-
-
 def make_tokens(height: int = 512, width: int = 512, *, grid=None, reference_sizes=(), seed: int = 0,
                 reference_grid_ids=None) -> PriorTokens:
     """PriorTokens as generate_tokens would return them, with random codebook ids."""

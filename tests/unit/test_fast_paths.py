@@ -12,16 +12,12 @@ import torch
 
 from glm_core import compiling
 from glm_core.ar.decode import cached_forced_logits, generate_sequences, prepare_prompt
-from glm_core.ar.model import load_ar
-from tests.parity.test_ar_model import _one_thread, build, rel_err  # noqa: F401
-from tests.reference import reference_processor
+from tests.compare import rel_err
+from tests.inputs import build, make_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    return load_ar(tiny_checkpoint, "cpu", torch.float32), None, reference_processor(tiny_checkpoint)
 
 
 def test_compile_switch(monkeypatch):
@@ -34,8 +30,8 @@ def test_compile_switch(monkeypatch):
     assert compiling.compile_wanted("cuda", True)
 
 
-def test_fused_qkv_views_keep_keys_and_memory(models):
-    ours, _, _ = models
+def test_fused_qkv_views_keep_keys_and_memory(ar_models):
+    ours, _, _ = ar_models
     model = copy.deepcopy(ours)
     keys = set(model.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -68,12 +64,12 @@ def test_fused_qkv_views_keep_keys_and_memory(models):
 
 @pytest.mark.parametrize("attention", ["sdpa", "gqa", "reduce"])
 @pytest.mark.parametrize("case", ["t2i", "edit_2ref", "t2i_batch_padded"])
-def test_compiled_decode_layer_same_logits(models, case, attention, monkeypatch):
+def test_compiled_decode_layer_same_logits(ar_models, case, attention, monkeypatch):
     from glm_core.ar import model as ar_model
 
     monkeypatch.setattr(ar_model, "DECODE_ATTENTION", attention)
-    ours, _, _ = models
-    inputs = build(models, case)
+    ours, _, _ = ar_models
+    inputs = build(ar_models, case)
     plan = prepare_prompt(ours, inputs)
     forced = torch.randint(0, ours.config.codebook_size, (plan.input_ids.shape[0], plan.num_new_tokens - 1),
                            generator=torch.Generator().manual_seed(3))
@@ -92,10 +88,10 @@ def compiling_target():
     return _decode_layer
 
 
-def test_compiled_decode_layer_inductor(models):
+def test_compiled_decode_layer_inductor(ar_models):
     """The real backend once (C++ code on the CPU): same logits within fp32 rounding."""
-    ours, _, _ = models
-    inputs = build(models, "t2i")
+    ours, _, _ = ar_models
+    inputs = build(ar_models, "t2i")
     plan = prepare_prompt(ours, inputs)
     forced = torch.randint(0, ours.config.codebook_size, (1, plan.num_new_tokens - 1),
                            generator=torch.Generator().manual_seed(4))
@@ -111,22 +107,13 @@ def test_compiled_decode_layer_inductor(models):
     assert err <= 1e-4, f"inductor decode logits rel err {err:.2e}"
 
 
-def test_generate_with_compile_same_tokens(models):
-    ours, _, processor = models
-    from tests.parity.test_ar_generate import make_inputs
-
+def test_generate_with_compile_same_tokens(ar_models):
+    ours, _, processor = ar_models
     inputs = make_inputs(processor, ["a castle"], 64, 64)
     model = copy.deepcopy(ours)
     plain = generate_sequences(model, inputs, seeds=[10, 11])
     fast = generate_sequences(model, inputs, seeds=[10, 11], compile=True)
     assert torch.equal(plain, fast)
-
-
-@pytest.fixture(scope="module")
-def dit(tiny_checkpoint):
-    from glm_core.dit import load_dit
-
-    return load_dit(tiny_checkpoint, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("batched_cfg", [False, True])

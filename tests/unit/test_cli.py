@@ -8,15 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
 from glm_core import pipeline
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import REPO_ROOT
 
 
 def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,9 +1,8 @@
 """glm_core's runtime must not depend on the reference GLM-Image classes, diffusers or ComfyUI."""
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO_ROOT
 
 CHECK = r"""
 import sys
@@ -20,7 +19,7 @@ print("FORBIDDEN:" + ",".join(bad))
 
 
 def test_pipeline_runs_without_reference_glm_classes_diffusers_or_comfyui(tiny_checkpoint):
-    result = subprocess.run([sys.executable, "-c", CHECK, str(tiny_checkpoint)], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", CHECK, str(tiny_checkpoint)], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     forbidden = result.stdout.strip().splitlines()[-1]

@@ -1,0 +1,19 @@
+"""Fixtures of the parity tests: our numbers against the reference's (transformers 5.23 / diffusers 0.42.1).
+
+A test belongs here when it compares what glm_core computes with what the reference computes from the same
+inputs (or guards such a comparison: the inputs compared really matter). Tolerances: docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def ar_models(tiny_checkpoint):
+    """(our AR, the reference AR, the reference processor), both models in fp32 from the tiny checkpoint."""
+    from glm_core.ar.model import load_ar
+    from tests.reference import reference_ar, reference_processor
+
+    return load_ar(tiny_checkpoint, "cpu", torch.float32), reference_ar(tiny_checkpoint, torch.float32), \
+        reference_processor(tiny_checkpoint)
