@@ -76,11 +76,13 @@ def validate_target_size(height, width, *, min_side: int = MIN_TARGET_SIDE,
 
     The defaults are the documented 512–2048 range; tiny test models may pass a smaller min_side.
     """
+    wrong_types = [f"{name} must be an integer number of pixels, got {value!r}"
+                   for name, value in (("width", width), ("height", height))
+                   if isinstance(value, bool) or not isinstance(value, (int, np.integer))]
+    if wrong_types:
+        raise TypeError("; ".join(wrong_types))
     messages = []
     for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            messages.append(f"{name} must be an integer number of pixels, got {value!r}")
-            continue
         value = int(value)
         problems = []
         if value % SIZE_MULTIPLE:

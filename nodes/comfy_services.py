@@ -132,6 +132,7 @@ def stage_patcher_class():
       `force_full_load`; this also covers --novram, which would otherwise load nothing);
     - partially_unload frees nothing, so ComfyUI's LoadedModel.model_unload falls through to `detach()`, whose
       unpatch_model moves the whole stage to the offload device.
+    The holder reports where the stage really is, so the accounting also holds when the core moved it.
     """
     model_patcher = _model_patcher()
     if model_patcher is None or _model_management() is None:
@@ -143,10 +144,12 @@ def stage_patcher_class():
             def load(self, device_to=None, *args, **kwargs):
                 if device_to is not None:
                     self.model.to(device_to)
+                    self.model.model_loaded_weight_memory = self.model_size()
+                    self.model.model_lowvram = False
 
             def partially_load(self, device_to, extra_memory=0, *args, **kwargs):
                 before = self.model.model_loaded_weight_memory
-                self.model.to(device_to)
+                self.load(device_to)
                 return self.model.model_loaded_weight_memory - before
 
             def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
@@ -155,11 +158,7 @@ def stage_patcher_class():
             def unpatch_model(self, device_to=None, unpatch_weights=True):
                 if unpatch_weights and device_to is not None:
                     self.model.to(device_to)
-
-            def detach(self, unpatch_all=True):
-                if unpatch_all:
-                    self.unpatch_model(self.offload_device, unpatch_weights=True)
-                return self.model
+                    self.model.model_loaded_weight_memory = 0
 
         cls = _STAGE_PATCHER_CLASSES[base] = GlmImageStagePatcher
     return cls

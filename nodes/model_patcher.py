@@ -35,6 +35,7 @@ class GlmImageStage(torch.nn.Module):
         super().__init__()
         self.stage_module = module
         self._owner = weakref.ref(model)
+        self._loaded_bytes = 0
 
     @property
     def device(self) -> torch.device:
@@ -46,12 +47,13 @@ class GlmImageStage(torch.nn.Module):
 
     @property
     def model_loaded_weight_memory(self) -> int:
-        on_gpu = self.device.type != "cpu"
-        return sum(t.numel() * t.element_size() for t in self.stage_module.state_dict().values()) if on_gpu else 0
+        """What ModelPatcher last recorded as loaded, or 0 when the core has since moved the stage off the GPU."""
+        owner = self._owner()
+        return self._loaded_bytes if owner is not None and owner.on_device(self.stage_name) else 0
 
     @model_loaded_weight_memory.setter
     def model_loaded_weight_memory(self, value) -> None:
-        pass
+        self._loaded_bytes = int(value)
 
     def to(self, *args, **kwargs):
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
+
+from glm_core.processor import ARInputs
 
 # ---- AR: prompts and reference images through the reference processor -----------------------------------
 
@@ -51,24 +54,12 @@ def processor_inputs(processor, prompts, height, width, images=()):
     )
 
 
-class Inputs:
-    """ARInputs-shaped view of the reference processor's output (same tensors for both sides)."""
+@dataclass
+class Inputs(ARInputs):
+    """glm_core's typed ARInputs made from the reference processor's output (the same tensors for both sides),
+    plus what only the reference needs (pixel_values: it tokenizes the references itself)."""
 
-    def __init__(self, feature, t2i: bool):
-        self.input_ids = feature["input_ids"]
-        self.attention_mask = feature["attention_mask"]
-        self.image_grid_thw = feature["image_grid_thw"]
-        self.images_per_sample = feature["images_per_sample"]
-        self.pixel_values = feature.get("pixel_values")
-        grids = [tuple(g[1:]) for g in self.image_grid_thw.tolist()]
-        per_sample = int(self.images_per_sample[0])
-        if t2i:
-            self.target_grid, self.preview_grid = grids[per_sample - 2], grids[per_sample - 1]
-            self.reference_grids = []
-        else:
-            self.target_grid, self.preview_grid = grids[per_sample - 1], None
-            self.reference_grids = [g for i, g in enumerate(grids) if i % per_sample != per_sample - 1]
-        self.height, self.width = self.target_grid[0] * 32, self.target_grid[1] * 32
+    pixel_values: torch.Tensor | None = None
 
     def reference_kwargs(self):
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
@@ -78,16 +69,53 @@ class Inputs:
         return kwargs
 
 
-def make_inputs(processor, prompts, height, width, ref_sizes=()):
+def inputs_from_feature(feature, t2i: bool, vision=None) -> Inputs:
+    """The reference processor's BatchFeature as glm_core's ARInputs; the references' VQ ids come from our vision
+    stage (`vision`), which tests/parity/test_ar_model.py checks id for id against the reference's."""
+    grids = [tuple(g[1:]) for g in feature["image_grid_thw"].tolist()]
+    per_sample = int(feature["images_per_sample"][0])
+    if t2i:
+        target, preview, reference_grids = grids[per_sample - 2], grids[per_sample - 1], []
+    else:
+        target, preview = grids[per_sample - 1], None
+        reference_grids = [g for i, g in enumerate(grids) if i % per_sample != per_sample - 1]
+    pixel_values = feature.get("pixel_values")
+    reference_ids = None
+    if reference_grids:
+        if vision is None:
+            raise ValueError("inputs with reference images need the vision stage to tokenize them")
+        reference_ids = vision.image_token_ids(pixel_values, reference_grids)
+    return Inputs(input_ids=feature["input_ids"], attention_mask=feature["attention_mask"],
+                  image_grid_thw=feature["image_grid_thw"], images_per_sample=feature["images_per_sample"],
+                  target_grid=target, preview_grid=preview, reference_grids=reference_grids,
+                  height=target[0] * 32, width=target[1] * 32, reference_ids=reference_ids,
+                  pixel_values=pixel_values)
+
+
+@dataclass
+class ARModels:
+    """What the AR tests use: our AR, the reference AR (None in unit tests), the reference processor, our vision
+    stage. Unpacks as the (ours, reference, processor) triple."""
+
+    ours: object
+    reference: object
+    processor: object
+    vision: object
+
+    def __iter__(self):
+        return iter((self.ours, self.reference, self.processor))
+
+
+def make_inputs(processor, prompts, height, width, ref_sizes=(), vision=None):
     feature = processor_inputs(processor, prompts, height, width, images=reference_images(*ref_sizes))
-    return Inputs(feature, t2i=not ref_sizes)
+    return inputs_from_feature(feature, t2i=not ref_sizes, vision=vision)
 
 
-def build(models, case):
-    """`Inputs` of one of AR_CASES; `models` is the (ours, reference, processor) triple of the `ar_models` fixtures."""
-    _, _, processor = models
+def build(models: ARModels, case):
+    """`Inputs` of one of AR_CASES."""
     spec = AR_CASES[case]
-    return make_inputs(processor, spec["prompts"], *spec["size"], ref_sizes=spec["images"])
+    return make_inputs(models.processor, spec["prompts"], *spec["size"], ref_sizes=spec["images"],
+                       vision=models.vision)
 
 
 def budget(inputs):
@@ -173,3 +201,25 @@ EDIT_CASES = {
 def raw_config(folder: Path, component: str, filename: str = "config.json") -> dict:
     """A component's JSON config as the checkpoint folder has it (tests change copies of it)."""
     return json.loads((folder / component / filename).read_text())
+
+
+def our_processor_inputs(processor, prompts, height, width, images=None, **kwargs) -> Inputs:
+    """What glm_core makes of prompts and their reference images, laid out like transformers' processor output:
+    each image size-adjusted (`encode_prompt`'s rule) and preprocessed, the prompt tokenized around their grids,
+    the pixel rows of all images concatenated in order."""
+    from glm_core.processor import adjust_reference_size
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    cfg = processor.image_config
+    pixel_rows, grids = [], []
+    for per_prompt in images or [[] for _ in prompts]:
+        prompt_grids = []
+        for image in per_prompt:
+            rows, grid = processor.preprocess_image(
+                adjust_reference_size(image, min_side=cfg.shortest_side, max_side=cfg.longest_side))
+            pixel_rows.append(rows)
+            prompt_grids.append(grid)
+        grids.append(prompt_grids)
+    ar_inputs = processor.build_inputs(prompts, height, width, grids, **kwargs)
+    return Inputs(**vars(ar_inputs), pixel_values=torch.cat(pixel_rows) if pixel_rows else None)

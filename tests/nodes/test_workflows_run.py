@@ -384,17 +384,33 @@ def test_dit_node_loads_its_stages_through_model_management_without_the_ar(serve
     model = result.outputs[LOADER][0]
 
     assert comfy.called("load_models_gpu") == [(DIT_STAGES, True)]  # the AR is not asked for
-    # The AR left the GPU through its patcher (so ComfyUI's accounting agrees) before the DiT stages loaded.
+    # ComfyUI is asked for the room the new stages need before they are read (it decides what leaves).
+    needed = sum(model.stage_nbytes(stage) for stage in ("glyph", "dit", "vae"))
     names = [(name, args[0] if args else None) for _, name, args in comfy.calls]
-    assert names.index(("detach", "GlmImageARStage")) < names.index(("load_models_gpu", DIT_STAGES))
-    assert "ar" not in ours(comfy, model) or ours(comfy, model)["ar"].loaded_size() == 0
-    offload = comfy.modules["comfy.model_management"].unet_offload_device()
-    assert weight_devices(model.stage_modules()["ar"]) == {offload}
+    assert ("free_memory", needed) in names
+    assert names.index(("free_memory", needed)) < names.index(("load_models_gpu", DIT_STAGES))
     loaded = ours(comfy, model)
     for stage in ("glyph", "dit", "vae"):
         assert loaded[stage].loaded_size() == loaded[stage].model_size()
         assert loaded[stage].model.stage_module is model.stage_modules()[stage]
         assert weight_devices(model.stage_modules()[stage]) == {model.device}
+    assert comfy.violations == []
+
+
+def test_sequential_placement_detaches_the_other_stage_through_its_patcher(server, comfy, tiny_checkpoint):
+    """Placement "sequential" (ComfyUI's --lowvram / --novram, or the loader's option): before the DiT stages
+    load, the AR leaves through its patcher, so ComfyUI's accounting says it is no longer loaded."""
+    prompt = fresh_model_prompt(server, comfy, tiny_checkpoint, "GLM-Image-managed-seq")
+    prompt[LOADER]["inputs"]["placement"] = "sequential"
+    assert server.run(without_dit(prompt)).status == "success"
+    comfy.reset_records()
+    result = server.run(prompt)
+    assert result.status == "success", result.error
+    model = result.outputs[LOADER][0]
+    assert model.placement == "sequential"
+    names = [(name, args[0] if args else None) for _, name, args in comfy.calls]
+    assert names.index(("detach", "GlmImageARStage")) < names.index(("load_models_gpu", DIT_STAGES))
+    assert "ar" not in ours(comfy, model) or ours(comfy, model)["ar"].loaded_size() == 0
     assert comfy.violations == []
 
 
@@ -489,9 +505,9 @@ def test_without_comfyui_the_nodes_keep_the_cores_own_offloading(server, pack, t
         memory.make_room_for(model, "ar")
         assert model.stage_modules() == {}  # stages still load lazily, when the pipeline first uses them
         model.stage("ar")
-        memory.make_room_for(model, "dit")  # the AR is offloaded by the core itself
+        memory.make_room_for(model, "dit")  # outside ComfyUI the core itself makes room when stages load
         assert patchers.registered_stages(model) == {}
-        assert {p.device.type for p in model.stage_modules()["ar"].parameters()} == {"cpu"}
+        assert set(model.stage_modules()) == {"ar"}
     finally:
         sys.meta_path.remove(blocker)
         sys.modules.update(saved)

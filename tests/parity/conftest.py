@@ -11,9 +11,11 @@ import torch
 
 @pytest.fixture(scope="module")
 def ar_models(tiny_checkpoint):
-    """(our AR, the reference AR, the reference processor), both models in fp32 from the tiny checkpoint."""
+    """Our AR, the reference AR (both fp32, from the tiny checkpoint), the reference processor, our vision stage."""
     from glm_core.ar.model import load_ar
+    from glm_core.ar.vision import load_vision
+    from tests.inputs import ARModels
     from tests.reference import reference_ar, reference_processor
 
-    return load_ar(tiny_checkpoint, "cpu", torch.float32), reference_ar(tiny_checkpoint, torch.float32), \
-        reference_processor(tiny_checkpoint)
+    return ARModels(load_ar(tiny_checkpoint, "cpu", torch.float32), reference_ar(tiny_checkpoint, torch.float32),
+                    reference_processor(tiny_checkpoint), load_vision(tiny_checkpoint, "cpu", torch.float32))

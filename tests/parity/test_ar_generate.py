@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm_core.ar.decode import generate_sequences, generate_tokens
+from glm_core.ar.decode import generate_grids, generate_sequences
 from glm_core.ar.model import load_ar
 from tests.inputs import budget, make_inputs
 from tests.reference import reference_ar, reference_processor
@@ -41,10 +41,10 @@ GREEDY_CASES = {
 def test_greedy_matches_reference_generate(ar_models, case):
     ours, ref, processor = ar_models
     prompts, h, w, refs = GREEDY_CASES[case]
-    inputs = make_inputs(processor, prompts, h, w, refs)
+    inputs = make_inputs(processor, prompts, h, w, refs, vision=ar_models.vision)
     n_new = budget(inputs)
     expected = reference_generate(ref, inputs, n_new, do_sample=False)
-    got = generate_sequences(ours, inputs, seeds=[0] * len(prompts), greedy=True, mask_grid=False)
+    got = generate_sequences(ours, inputs, seeds=[0] * len(prompts), sampling_settings=None, mask_grid=False)
     assert expected.shape == (len(prompts), n_new), "reference stopped early: fixture sampled EOS"
     assert got.shape == expected.shape
     # greedy on the tiny fixture may settle into short cycles; cached_forced_logits (test_ar_model)
@@ -62,14 +62,13 @@ def test_mask_keeps_grids_in_codebook(ooc_models):
     torch.manual_seed(1)
     ref_tokens = reference_generate(ref, inputs, n_new, do_sample=True)
     assert (ref_tokens[:, :-1] >= CODEBOOK).any()
-    unmasked = generate_sequences(ours, inputs, seeds=[1], mask_grid=False)
+    unmasked = generate_sequences(ours, inputs, seeds=[1], sampling_settings=ours.config.sampling, mask_grid=False)
     assert (unmasked[:, :-1] >= CODEBOOK).any()
 
-    masked = generate_sequences(ours, inputs, seeds=[1, 2, 3], mask_grid=True)
+    masked = generate_sequences(ours, inputs, seeds=[1, 2, 3], sampling_settings=ours.config.sampling,
+                                mask_grid=True)
     assert masked.shape == (3, n_new)
     assert (masked[:, :-1] < CODEBOOK).all() and (masked[:, :-1] >= 0).all()
     assert (masked[:, -1] == EOS).all()
-    tokens = generate_tokens(ours, inputs, seeds=[4], mask_grid=True)
-    assert tokens.grid_ids.shape == (1, *inputs.target_grid)
-    with pytest.raises(ValueError, match="outside the codebook"):
-        generate_tokens(ours, inputs, seeds=[1], mask_grid=False)
+    grid_ids = generate_grids(ours, inputs, seeds=[4], sampling_settings=ours.config.sampling)
+    assert grid_ids.shape == (1, *inputs.target_grid) and (grid_ids < CODEBOOK).all()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm_core.ar.decode import cached_forced_logits, prepare_prompt, teacher_forced_logits
+from glm_core.ar.decode import prepare_prompt
 from glm_core.ar.model import load_ar
+from glm_core.ar.vision import load_vision
 from tests.compare import rel_err
-from tests.inputs import AR_CASES, build
+from tests.forcing import cached_forced_logits, teacher_forced_logits
+from tests.inputs import AR_CASES, ARModels, build
 from tests.reference import reference_ar, reference_image_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +42,7 @@ def test_reference_image_ids_match_reference(ar_models, case):
     inputs = build(ar_models, case)
     grids = torch.tensor([[1, h, w] for h, w in inputs.reference_grids])
     expected = reference_image_tokens(ref, inputs.pixel_values, grids)
-    got = ours.image_token_ids(inputs.pixel_values, inputs.reference_grids)
+    got = ar_models.vision.image_token_ids(inputs.pixel_values, inputs.reference_grids)
     assert got.shape == expected.shape
     assert torch.equal(got, expected.to(got.device))
     assert expected.unique().numel() > 8, "VQ ids degenerate: the comparison would be weak"
@@ -118,8 +120,9 @@ def test_bf16_matches_reference_bf16(tiny_checkpoint, ar_models, case):
     ours in bf16 vs the reference in bf16 on the same CPU. Rounding-order mistakes show up at ~1e-2
     (the reference's own bf16-vs-fp32 distance here), far above this bound."""
     ours16 = load_ar(tiny_checkpoint, "cpu", torch.bfloat16)
+    vision16 = load_vision(tiny_checkpoint, "cpu", torch.bfloat16)
     ref16 = reference_ar(tiny_checkpoint, torch.bfloat16)
-    inputs = build(ar_models, case)
+    inputs = build(ARModels(ours16, ref16, ar_models.processor, vision16), case)
     with torch.no_grad():
         ref_logits = ref16(**inputs.reference_kwargs()).logits.float()
     plan = prepare_prompt(ours16, inputs)
@@ -130,4 +133,4 @@ def test_bf16_matches_reference_bf16(tiny_checkpoint, ar_models, case):
     if inputs.pixel_values is not None:
         grids = torch.tensor([[1, h, w] for h, w in inputs.reference_grids])
         expected = reference_image_tokens(ref16, inputs.pixel_values, grids)
-        assert torch.equal(ours16.image_token_ids(inputs.pixel_values, inputs.reference_grids), expected)
+        assert torch.equal(vision16.image_token_ids(inputs.pixel_values, inputs.reference_grids), expected)

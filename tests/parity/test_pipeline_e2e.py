@@ -6,7 +6,7 @@ with PSNR >= 60 dB (issue 3 §3). Covered:
   non-square, random prior ids < 16384 (the AR itself is covered by tests/parity/test_ar_*.py);
 - editing with one reference and with two references of different sizes. The editing prior comes from
   `glm_core.pipeline.generate_tokens`; the reference images' VQ ids it records
-  (`tokens.reference_grid_ids`) are first checked against transformers' own VQ ids
+  (`cond.reference_ids`) are first checked against transformers' own VQ ids
   (`reference_image_tokens`), then the diffusers pipeline is driven unpatched with `prior_token_ids`,
   `prior_token_image_ids` and `source_image_grid_thw` (fixture-notes §7) — fed the *reference's* ids,
   upsampled by the pipeline's own `_upsample_token_ids`, so nothing of ours leaks into that side.
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from glm_core import pipeline
-from glm_core.ar.decode import PriorTokens, upsample_prior
+from glm_core.tokens import PriorTokens
 from tests.compare import psnr
 from tests.inputs import EDIT_CASES
 from tests.reference import (
@@ -50,7 +50,7 @@ def random_latents(height: int, width: int, seed: int) -> torch.Tensor:
 
 def random_prior(height: int, width: int, seed: int) -> PriorTokens:
     grid = torch.randint(0, CODEBOOK, (1, height // 32, width // 32), generator=torch.Generator().manual_seed(seed))
-    return PriorTokens(grid_ids=grid, prior_ids=upsample_prior(grid), height=height, width=width, seeds=[seed])
+    return PriorTokens(grid_ids=grid, height=height, width=width, seeds=[seed])
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_editing_matches_diffusers(tiny_checkpoint, model, ref_pipe, ref_ar, edi
 
     # Same reference VQ ids on both sides (spec §2.2 step 3).
     expected_ids = reference_vq_ids(tiny_checkpoint, ref_ar, cond)
-    ours_ids = tokens.reference_grid_ids
+    ours_ids = cond.reference_ids
     assert len(ours_ids) == len(expected_ids) == len(sizes)
     for i, (got, want) in enumerate(zip(ours_ids, expected_ids)):
         assert tuple(got.shape) == (sizes[i][0] // 32, sizes[i][1] // 32)
@@ -163,8 +163,8 @@ def test_editing_without_cfg_matches_diffusers(model, ref_pipe, edit_runs):
     height, width = cond.height, cond.width
     latents = random_latents(height, width, seed=4)
     ours = pipeline.decode(model, cond, tokens, steps=2, guidance=1.0, latents=latents)
-    image_prior = torch.cat([reference_upsample(ids)[0] for ids in tokens.reference_grid_ids])
-    image_grids = torch.tensor([[1, 2 * ids.shape[0], 2 * ids.shape[1]] for ids in tokens.reference_grid_ids])
+    image_prior = torch.cat([reference_upsample(ids)[0] for ids in cond.reference_ids])
+    image_grids = torch.tensor([[1, 2 * ids.shape[0], 2 * ids.shape[1]] for ids in cond.reference_ids])
     ref = run_reference(ref_pipe, cond.prompt, height, width, reference_upsample(tokens.grid_ids[0]), latents,
                         2, 1.0, image=list(cond.references), prior_token_image_ids=[image_prior],
                         source_image_grid_thw=[image_grids])

@@ -21,7 +21,7 @@ from glm_core.processor import (
     smart_resize,
     to_rgb_image,
 )
-from tests.inputs import copy_processor, noise_image
+from tests.inputs import copy_processor, noise_image, our_processor_inputs
 from tests.reference import reference_ar_inputs, reference_processor
 
 
@@ -63,7 +63,7 @@ def assert_same(expected, got: ARInputs):
 def test_t2i_matches_reference(ref, prompt_processor, height, width):
     prompt = 'A poster that says "GLM Image" in bold, 8 8 numbers'
     expected = reference_ar_inputs(ref, prompt, height, width)
-    got = prompt_processor.build_inputs([prompt], height, width)
+    got = our_processor_inputs(prompt_processor, [prompt], height, width)
     assert_same(expected, got)
     token_h, token_w, prev_h, prev_w = get_target_shape(height, width)
     assert got.target_grid == (height // 32, width // 32) == (token_h, token_w)
@@ -79,7 +79,7 @@ def test_t2i_matches_reference(ref, prompt_processor, height, width):
 def test_t2i_batch_left_padding_matches_reference(ref, prompt_processor):
     prompts = ["a cat", "a much longer prompt about a dog running on a beach at sunset"]
     expected = reference_batch(ref, prompts, 512, 768)
-    got = prompt_processor.build_inputs(prompts, 512, 768)
+    got = our_processor_inputs(prompt_processor, prompts, 512, 768)
     assert_same(expected, got)
     assert got.attention_mask[0, 0].item() == 0 and got.input_ids[0, 0].item() == prompt_processor.pad_token_id
 
@@ -90,12 +90,10 @@ def test_t2i_batch_left_padding_matches_reference(ref, prompt_processor):
 def test_i2i_one_reference_matches_reference(ref, prompt_processor):
     image = noise_image(512, 768, seed=1)  # already a valid size: both sides see the same pixels
     expected = reference_ar_inputs(ref, "make the sky green", 1024, 1024, [image])
-    got = prompt_processor.build_inputs(["make the sky green"], 1024, 1024, [[image]])
+    got = our_processor_inputs(prompt_processor, ["make the sky green"], 1024, 1024, [[image]])
     assert_same(expected, got)
     assert got.reference_grids == [(16, 24)]
     assert got.preview_grid is None and not got.is_text_to_image
-    moved = got.to("cpu")
-    assert torch.equal(moved.pixel_values, got.pixel_values) and moved.target_grid == got.target_grid
     ids = got.input_ids[0].tolist()
     assert ids[0] == prompt_processor.bos_token_id and ids[1 + 16 * 24] == prompt_processor.eos_token_id
     assert ids.count(prompt_processor.image_token_id) == 16 * 24
@@ -104,7 +102,7 @@ def test_i2i_one_reference_matches_reference(ref, prompt_processor):
 def test_i2i_two_references_of_different_sizes(ref, prompt_processor):
     images = [noise_image(1024, 640, seed=2), noise_image(512, 1536, seed=3)]
     expected = reference_ar_inputs(ref, "put both subjects in one room", 768, 1344, images)
-    got = prompt_processor.build_inputs(["put both subjects in one room"], 768, 1344, [images])
+    got = our_processor_inputs(prompt_processor, ["put both subjects in one room"], 768, 1344, [images])
     assert_same(expected, got)
     assert got.reference_grids == [(32, 20), (16, 48)]
     assert got.image_grid_thw.tolist() == [[1, 32, 20], [1, 16, 48], [1, 24, 42]]
@@ -114,7 +112,7 @@ def test_i2i_batch_matches_reference(ref, prompt_processor):
     images = [[noise_image(512, 512, seed=4)], [noise_image(768, 512, seed=5)]]
     prompts = ["edit one", "edit the second image with a longer instruction"]
     expected = reference_batch(ref, prompts, 512, 512, images)
-    got = prompt_processor.build_inputs(prompts, 512, 512, images)
+    got = our_processor_inputs(prompt_processor, prompts, 512, 512, images)
     assert_same(expected, got)
     assert got.reference_grids == [(16, 16), (24, 16)]
 
@@ -125,7 +123,7 @@ def test_input_types_give_identical_pixels(ref, prompt_processor):
     tensor = torch.from_numpy(array.copy()).float() / 255.0  # ComfyUI IMAGE (H, W, 3) in [0, 1]
     expected = reference_ar_inputs(ref, "x", 512, 512, [image])
     for variant in (array, tensor, tensor[None]):
-        assert_same(expected, prompt_processor.build_inputs(["x"], 512, 512, [[variant]]))
+        assert_same(expected, our_processor_inputs(prompt_processor, ["x"], 512, 512, [[variant]]))
 
 
 def test_rgba_and_grayscale_convert_like_the_reference(ref, prompt_processor):
@@ -133,7 +131,7 @@ def test_rgba_and_grayscale_convert_like_the_reference(ref, prompt_processor):
     gray = noise_image(512, 512, seed=8).convert("L")
     for image in (rgba, gray):
         expected = reference_ar_inputs(ref, "x", 512, 512, [image])
-        assert_same(expected, prompt_processor.build_inputs(["x"], 512, 512, [[image]]))
+        assert_same(expected, our_processor_inputs(prompt_processor, ["x"], 512, 512, [[image]]))
     assert to_rgb_image(rgba).mode == "RGB"
 
 
@@ -141,7 +139,7 @@ def test_600px_reference_is_adjusted_not_crashing(ref, prompt_processor):
     image = noise_image(600, 600, seed=9)
     adjusted = adjust_reference_size(image)
     assert adjusted.size == (608, 608)
-    got = prompt_processor.build_inputs(["x"], 512, 512, [[image]])
+    got = our_processor_inputs(prompt_processor, ["x"], 512, 512, [[image]])
     # Same as the reference given our adjusted image; the AR grid is half the DiT grid.
     assert_same(reference_ar_inputs(ref, "x", 512, 512, [adjusted]), got)
     assert got.reference_grids == [(19, 19)] and 2 * 19 == 608 // 16
@@ -173,9 +171,9 @@ def test_smart_resize_matches_reference_function():
 
 def _both_layouts(ref, prompt_processor):
     image = noise_image(512, 512, seed=11)
-    assert_same(reference_ar_inputs(ref, "a cat", 768, 512), prompt_processor.build_inputs(["a cat"], 768, 512))
+    assert_same(reference_ar_inputs(ref, "a cat", 768, 512), our_processor_inputs(prompt_processor, ["a cat"], 768, 512))
     assert_same(reference_ar_inputs(ref, "a cat", 768, 512, [image]),
-                prompt_processor.build_inputs(["a cat"], 768, 512, [[image]]))
+                our_processor_inputs(prompt_processor, ["a cat"], 768, 512, [[image]]))
 
 
 def test_post_processor_prefix_follows_reference(tiny_checkpoint, tmp_path):
@@ -189,7 +187,7 @@ def test_post_processor_prefix_follows_reference(tiny_checkpoint, tmp_path):
     tokenizer.save(str(path))
     ref, prompt_processor = reference_processor(folder), PromptProcessor.from_folder(folder)
     _both_layouts(ref, prompt_processor)
-    t2i = prompt_processor.build_inputs(["a cat"], 768, 512).input_ids[0].tolist()
+    t2i = our_processor_inputs(prompt_processor, ["a cat"], 768, 512).input_ids[0].tolist()
     assert t2i[:2] == [specials[0][1], specials[1][1]]
 
 
@@ -202,4 +200,4 @@ def test_add_bos_token_in_config_is_ignored_like_the_reference(tiny_checkpoint, 
     ref, prompt_processor = reference_processor(folder), PromptProcessor.from_folder(folder)
     _both_layouts(ref, prompt_processor)
     # transformers drops add_bos_token / add_eos_token whenever tokenizer.json exists
-    assert prompt_processor.build_inputs(["a cat"], 768, 512).input_ids[0, 0].item() != prompt_processor.bos_token_id
+    assert our_processor_inputs(prompt_processor, ["a cat"], 768, 512).input_ids[0, 0].item() != prompt_processor.bos_token_id

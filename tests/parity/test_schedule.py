@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from glm_core.schedule import (calculate_mu, dit_timestep, euler_step, guided_velocity,
-                               image_seq_len, timesteps_and_sigmas)
+from glm_core.dit.sampling import guided_velocity
+from glm_core.schedule import calculate_mu, dit_timestep, euler_step, image_seq_len, timesteps_and_sigmas
 from tests.reference import reference_scheduler
 
 SIZES = [(512, 512), (1024, 1024), (1152, 768), (2048, 2048)]  # (height, width)

@@ -13,12 +13,15 @@ import torch
 
 @pytest.fixture(scope="module")
 def ar_models(tiny_checkpoint):
-    """(our AR in fp32, None, the reference processor): the triple `tests.inputs.build` takes, without loading
-    the reference AR that unit tests never run."""
+    """Our AR in fp32, no reference AR (unit tests never run it), the reference processor (it builds the
+    inputs), our vision stage."""
     from glm_core.ar.model import load_ar
+    from glm_core.ar.vision import load_vision
+    from tests.inputs import ARModels
     from tests.reference import reference_processor
 
-    return load_ar(tiny_checkpoint, "cpu", torch.float32), None, reference_processor(tiny_checkpoint)
+    return ARModels(load_ar(tiny_checkpoint, "cpu", torch.float32), None, reference_processor(tiny_checkpoint),
+                    load_vision(tiny_checkpoint, "cpu", torch.float32))
 
 
 @pytest.fixture(scope="module")

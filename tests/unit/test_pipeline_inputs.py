@@ -15,24 +15,18 @@ import torch
 from safetensors.torch import save_file
 
 from glm_core import pipeline
-from glm_core.ar.decode import PriorTokens, upsample_prior
+from glm_core.tokens import TOKENS_FORMAT, PriorTokens
 
 CODEBOOK = 16384
 
 
-def make_tokens(height: int = 512, width: int = 512, *, grid=None, reference_sizes=(), seed: int = 0,
-                reference_grid_ids=None) -> PriorTokens:
+def make_tokens(height: int = 512, width: int = 512, *, grid=None, reference_sizes=(), seed: int = 0) -> PriorTokens:
     """PriorTokens as generate_tokens would return them, with random codebook ids."""
     if grid is None:
         grid = (height // 32, width // 32)
     ids = torch.randint(0, CODEBOOK, (1, *grid), generator=torch.Generator().manual_seed(seed))
-    tokens = PriorTokens(grid_ids=ids, prior_ids=upsample_prior(ids), height=height, width=width,
-                         reference_sizes=[tuple(s) for s in reference_sizes], seeds=[seed])
-    if reference_grid_ids is None:
-        reference_grid_ids = [torch.randint(0, CODEBOOK, (h // 32, w // 32), generator=torch.Generator().manual_seed(i))
-                              for i, (h, w) in enumerate(reference_sizes)]
-    tokens.reference_grid_ids = reference_grid_ids
-    return tokens
+    return PriorTokens(grid_ids=ids, height=height, width=width,
+                       reference_sizes=[tuple(s) for s in reference_sizes], seeds=[seed])
 
 
 def picture(height: int, width: int, colour=(40, 120, 200)) -> PIL.Image.Image:
@@ -120,13 +114,6 @@ def test_reference_size_differs(model):
         pipeline.decode(model, cond, make_tokens(reference_sizes=[(512, 512), (512, 768)]), steps=1)
 
 
-def test_tokens_without_reference_ids(model):
-    cond = pipeline.encode_prompt(model, "a cat", 512, 512, [picture(512, 512)])
-    tokens = make_tokens(reference_sizes=[(512, 512)], reference_grid_ids=[])
-    with pytest.raises(ValueError, match="no reference-image ids"):
-        pipeline.decode(model, cond, tokens, steps=1)
-
-
 @pytest.mark.parametrize("steps", [0, -1, 2.5, "2"])
 def test_bad_steps(model, steps):
     cond = pipeline.encode_prompt(model, "a cat", 512, 512)
@@ -177,15 +164,6 @@ def test_prior_ids_outside_codebook(model, bad_id):
     cond = pipeline.encode_prompt(model, "a cat", 512, 512)
     tokens = make_tokens()
     tokens.grid_ids[0, 5, 7] = bad_id
-    tokens.prior_ids = upsample_prior(tokens.grid_ids)
-    with pytest.raises(ValueError, match="invalid ids|codebook|out of range"):
-        pipeline.decode(model, cond, tokens, steps=1, guidance=1.0)
-
-
-def test_reference_ids_outside_codebook(model):
-    cond = pipeline.encode_prompt(model, "a cat", 512, 512, [picture(512, 512)])
-    tokens = make_tokens(reference_sizes=[(512, 512)],
-                         reference_grid_ids=[torch.full((16, 16), CODEBOOK + 5, dtype=torch.long)])
     with pytest.raises(ValueError, match="invalid ids|codebook|out of range"):
         pipeline.decode(model, cond, tokens, steps=1, guidance=1.0)
 
@@ -254,9 +232,34 @@ def test_tokens_file_round_trip(tmp_path):
     assert (loaded.height, loaded.width) == (512, 640)
     assert [tuple(s) for s in loaded.reference_sizes] == [(512, 512), (512, 768)]
     assert list(loaded.seeds) == [4]
-    assert len(loaded.reference_grid_ids) == 2
-    for a, b in zip(loaded.reference_grid_ids, tokens.reference_grid_ids):
-        assert torch.equal(a, b)
+
+
+def test_tokens_file_of_the_earlier_format_still_loads(tmp_path):
+    """Files written before the references' ids moved to the conditioning carry them as extra tensors: ignored."""
+    tokens = make_tokens(512, 512, reference_sizes=[(512, 512)], seed=5)
+    meta = {"format": TOKENS_FORMAT, "height": 512, "width": 512, "reference_sizes": [[512, 512]], "seeds": [5]}
+    save_file({"grid_ids": tokens.grid_ids, "reference_grid_ids.0": torch.zeros(16, 16, dtype=torch.long)},
+              str(tmp_path / "old.safetensors"), metadata={"glm_image": json.dumps(meta)})
+    loaded = pipeline.load_tokens(tmp_path / "old.safetensors")
+    assert torch.equal(loaded.grid_ids, tokens.grid_ids) and loaded.reference_sizes == [(512, 512)]
+
+
+def test_saving_tokens_replaces_a_file_whole(tmp_path, monkeypatch):
+    """save_tokens writes beside the target and renames: a failure mid-write leaves the old file intact."""
+    import glm_core.tokens as tokens_module
+
+    path = pipeline.save_tokens(make_tokens(seed=1), tmp_path / "t.safetensors")
+    before = path.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokens_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.save_tokens(make_tokens(seed=2), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"], "a partial file was left behind"
 
 
 def test_tokens_file_from_another_resolution(model, tmp_path):
@@ -280,7 +283,7 @@ def _write_tokens_file(path, grid_ids, meta):
 
 
 def test_tokens_file_grid_not_matching_its_size(tmp_path):
-    meta = {"format": pipeline.TOKENS_FORMAT, "height": 640, "width": 512, "reference_sizes": [], "seeds": [0]}
+    meta = {"format": TOKENS_FORMAT, "height": 640, "width": 512, "reference_sizes": [], "seeds": [0]}
     path = _write_tokens_file(tmp_path / "t.safetensors", torch.zeros(1, 16, 16, dtype=torch.long), meta)
     with pytest.raises(ValueError, match="does not match 512x640"):
         pipeline.load_tokens(path)
@@ -289,7 +292,7 @@ def test_tokens_file_grid_not_matching_its_size(tmp_path):
 def test_tokens_file_with_damaged_metadata(tmp_path):
     """The right format tag but no size: a clear ValueError, not a KeyError."""
     path = _write_tokens_file(tmp_path / "t.safetensors", torch.zeros(1, 16, 16, dtype=torch.long),
-                              {"format": pipeline.TOKENS_FORMAT})
+                              {"format": TOKENS_FORMAT})
     with pytest.raises(ValueError, match="tokens file"):
         pipeline.load_tokens(path)
 

@@ -18,7 +18,7 @@ from glm_core.processor import (
     to_rgb_image,
     validate_target_size,
 )
-from tests.inputs import copy_processor, noise_image
+from tests.inputs import copy_processor, noise_image, our_processor_inputs
 
 
 # ---------------------------------------------------------------------------- sizes
@@ -35,7 +35,7 @@ def test_target_shape_table(height, width, grids):
 
 
 def test_small_and_large_references_are_adjusted(prompt_processor):
-    got = prompt_processor.build_inputs(["x"], 512, 512, [[noise_image(64, 96), noise_image(3000, 2000)]])
+    got = our_processor_inputs(prompt_processor, ["x"], 512, 512, [[noise_image(64, 96), noise_image(3000, 2000)]])
     assert got.reference_grids == [(16, 24), (64, 43)]  # 512x768 and 2048x1376 pixels (1365.3 rounded)
 
 
@@ -101,35 +101,35 @@ def test_validate_target_size_ok_and_types():
 
 def test_build_inputs_rejects_bad_prompts_and_sizes(prompt_processor):
     with pytest.raises(ValueError, match="empty"):
-        prompt_processor.build_inputs([""], 512, 512)
+        our_processor_inputs(prompt_processor, [""], 512, 512)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        prompt_processor.build_inputs(["ok", "  \n\t"], 512, 512)
+        our_processor_inputs(prompt_processor, ["ok", "  \n\t"], 512, 512)
     with pytest.raises(ValueError, match="no prompt"):
-        prompt_processor.build_inputs([], 512, 512)
+        our_processor_inputs(prompt_processor, [], 512, 512)
     with pytest.raises(TypeError, match="string"):
-        prompt_processor.build_inputs([None], 512, 512)
+        our_processor_inputs(prompt_processor, [None], 512, 512)
     with pytest.raises(ValueError, match="control token"):
-        prompt_processor.build_inputs([f"a {prompt_processor.image_token} cat"], 512, 512)
+        our_processor_inputs(prompt_processor, [f"a {prompt_processor.image_token} cat"], 512, 512)
     with pytest.raises(ValueError, match="multiple of 32"):
-        prompt_processor.build_inputs(["a cat"], 500, 512)
-    assert prompt_processor.build_inputs("a cat", 64, 64, min_side=32).target_grid == (2, 2)
+        our_processor_inputs(prompt_processor, ["a cat"], 500, 512)
+    assert our_processor_inputs(prompt_processor, "a cat", 64, 64, min_side=32).target_grid == (2, 2)
 
 
 def test_build_inputs_rejects_bad_reference_batches(prompt_processor):
     image = noise_image(512, 512)
     with pytest.raises(ValueError, match=r"same number of reference images, got \[1, 2\]"):
-        prompt_processor.build_inputs(["a", "b"], 512, 512, [[image], [image, image]])
+        our_processor_inputs(prompt_processor, ["a", "b"], 512, 512, [[image], [image, image]])
     with pytest.raises(ValueError, match=r"same number of reference images, got \[1, 0\]"):
-        prompt_processor.build_inputs(["a", "b"], 512, 512, [[image], []])
+        our_processor_inputs(prompt_processor, ["a", "b"], 512, 512, [[image], []])
     with pytest.raises(ValueError, match="1 reference lists for 2 prompts"):
-        prompt_processor.build_inputs(["a", "b"], 512, 512, [[image]])
+        our_processor_inputs(prompt_processor, ["a", "b"], 512, 512, [[image]])
 
 
 def test_aspect_ratio_above_4_is_rejected(prompt_processor):
     with pytest.raises(ValueError, match=r"aspect ratio 4\.500.*limit 4"):
         adjust_reference_size(noise_image(512, 2304))
     with pytest.raises(ValueError, match="aspect ratio"):
-        prompt_processor.build_inputs(["x"], 512, 512, [[noise_image(2400, 512)]])
+        our_processor_inputs(prompt_processor, ["x"], 512, 512, [[noise_image(2400, 512)]])
     adjust_reference_size(noise_image(512, 2048))  # exactly 4 is allowed
 
 
@@ -137,7 +137,7 @@ def test_bad_image_types(prompt_processor):
     with pytest.raises(TypeError, match="PIL image"):
         to_rgb_image("cat.png")
     with pytest.raises(TypeError, match="PIL image"):
-        prompt_processor.build_inputs(["x"], 512, 512, [[[1, 2, 3]]])
+        our_processor_inputs(prompt_processor, ["x"], 512, 512, [[[1, 2, 3]]])
     with pytest.raises(ValueError, match="uint8"):
         to_rgb_image(np.zeros((512, 512, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="channels last"):

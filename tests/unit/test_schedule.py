@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from glm_core.schedule import (SchedulerConfig, calculate_mu, dit_timestep, guided_velocity, timesteps_and_sigmas,
-                               uses_guidance)
+from glm_core.dit.sampling import guided_velocity, uses_guidance
+from glm_core.schedule import SchedulerConfig, calculate_mu, dit_timestep, timesteps_and_sigmas
 
 
 def test_schedule_spec_numbers(scheduler_config):

@@ -6,14 +6,8 @@ import PIL.Image
 import pytest
 import torch
 
-from glm_core.vae import VAEConfig, VaeNumericsError, load_vae, reference_size
+from glm_core.vae import VAEConfig, VaeNumericsError, load_vae
 from tests.inputs import raw_config
-
-
-def test_reference_size_floors_and_rejects_tiny_images():
-    assert reference_size(PIL.Image.new("RGB", (1023, 777)), 16) == (768, 1008)
-    with pytest.raises(ValueError, match="smaller than 16"):
-        reference_size(PIL.Image.new("RGB", (15, 64)), 16)
 
 
 @torch.no_grad()
