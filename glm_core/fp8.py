@@ -226,7 +226,7 @@ class Fp8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, use_fast_accum: bool = False) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, *, use_fast_accum: bool = False) -> Fp8Linear:
         """Quantise an nn.Linear (on its device; a meta linear gives a meta layer). The bias is shared, not copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Fp8Linear.from_linear takes an nn.Linear, got {type(linear).__name__}")

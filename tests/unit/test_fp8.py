@@ -241,6 +241,19 @@ def test_forward_compiles_as_one_graph(monkeypatch, scaled):
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+def test_scaled_mm_path_compiles_with_dynamic_token_counts(monkeypatch):
+    """glm_core compiles its loops with dynamic=True: the row padding must trace with a symbolic M."""
+    torch._dynamo.reset()
+    _force_path(monkeypatch, True)
+    _, layer = _layer(128, 48, True, torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
+    for rows in (1, 3, 16, 17):
+        x = torch.randn(2, rows, 128).to(torch.bfloat16)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------------------
 # The path decision
 
