@@ -31,8 +31,9 @@ Two ways to run the matmul (chosen from the input's device; `fp8_matmul_supporte
     - FP8 matrix units (CUDA compute capability >= 8.9, torch with row-wise `torch._scaled_mm`, not ROCm):
       x is quantised to e4m3 per row and multiplied with `torch._scaled_mm` (`scaled_mm_linear`).
     - Elsewhere (CPU, an RTX 3090 = sm_86, ROCm, an older torch): the e4m3 weight is cast to the compute dtype
-      inside the matmul and the per-channel scale multiplies the output (`dequant_linear`); only the
-      weight's storage is saved, not arithmetic.
+      for the matmul and the per-channel scale multiplies the output (`dequant_linear`). This saves memory,
+      not time: the cast writes a compute-dtype copy of the weight that the matmul reads back, so a
+      memory-bound decode step gets slower than in bf16 (bench/fp8_kernels.py measures by how much).
 
 Which layers (the caller's choice; this module only provides the contract)
     The project quantises the AR decoder's linear layers and the DiT transformer blocks' linear layers.
