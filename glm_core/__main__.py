@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="images from one prompt (AR seeds ar-seed, ar-seed+1, ...)")
     p.add_argument("--device", default=None, help="cuda / cuda:N / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--weights", choices=("auto", "bf16", "fp8"), default="auto",
+                   help="how the AR's and DiT's linear layers are stored: bf16 as published, fp8 at half the memory "
+                   "(slightly different images), auto = bf16 when the larger stage fits the free GPU memory")
     p.add_argument("--placement", choices=("auto", "gpu", "sequential"), default="auto",
                    help="where the stages' weights stay: auto = what fits the free GPU memory, gpu = all on the "
                    "GPU, sequential = one stage at a time")
@@ -192,7 +195,7 @@ def run(args) -> int:
         folder = args.model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     model = GlmImage.from_folder(folder, device=args.device, dtype=dtype, placement=args.placement,
-                                 compile=False if args.no_compile else None)
+                                 weights=args.weights, compile=False if args.no_compile else None)
     model.on_load = print_load
     stages = ["glyph", "dit", "vae"] if not args.tokens_only else []
     if args.load_tokens is None:

@@ -311,6 +311,8 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
     time; integer and bool tensors keep their dtype; `dtype=None` keeps the stored dtype.
     Checkpoint keys with `ignore_keys(key)` are neither loaded nor reported as unexpected.
     Sub-modules' `checkpoint_fusions` are honoured: the parts are read and concatenated on `device`.
+    FP8 layers (`fp8.Fp8Linear`, whose meta weight is e4m3) read a pre-quantised file as stored, or quantise a
+    bf16 checkpoint's weight on `device` as it loads (one layer in high precision at a time).
     Afterwards every sub-module defining `init_computed_buffers(device)` is called (see module doc).
     """
     component_dir = Path(component_dir)
@@ -338,11 +340,24 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
         tensors[id(buf)] = buf
         is_param[id(buf)] = False
 
+    # FP8 layers (module tensors in e4m3) loading from a bf16 checkpoint are quantised as they load; their
+    # scales then come from the weights, not from the file (`quantised_on_load`: weight key -> scale group).
+    scale_groups = {names[0]: group_id for group_id, names in groups.items() if names[0].endswith(".weight_scale")}
+    quantised_on_load: dict[str, int] = {}
+    for group_id, names in groups.items():
+        name = names[0]
+        if tensors[group_id].dtype == torch.float8_e4m3fn:
+            stored = [checkpoint.get(key) for key in fusions.get(name, (name,))]
+            if all(entry is not None and not entry[1].startswith("F8") for entry in stored):
+                quantised_on_load[name] = scale_groups[name[: -len("weight")] + "weight_scale"]
+    derived = {groups[g][0] for g in quantised_on_load.values()}
+
     # Strict checks before any tensor data is read.
     expected_keys = set()
     for names in groups.values():
         for name in names:
-            expected_keys.update(fusions.get(name, (name,)))
+            if name not in derived:
+                expected_keys.update(fusions.get(name, (name,)))
     unexpected = sorted(set(checkpoint) - expected_keys)
     if unexpected:
         shown = ", ".join(f"{k!r} (in {checkpoint[k][2].name})" for k in unexpected[:5])
@@ -353,6 +368,8 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
     plan: list[tuple[tuple[str, ...], int]] = []  # (checkpoint keys concatenated into the tensor, tensor group)
     missing = []
     for group_id, names in groups.items():
+        if names[0] in derived:
+            continue
         expected_shape = tuple(tensors[group_id].shape)
         sources = [fusions.get(name, (name,)) for name in names]
         present = [keys for keys in sources if all(key in checkpoint for key in keys)]
@@ -385,17 +402,32 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
     path = None
     try:
         for keys, group_id in plan:
+            target_tensor = tensors[group_id]
+            quantise = groups[group_id][0] in quantised_on_load
             parts = []
             for key in keys:
                 path = checkpoint[key][2]
                 if path not in handles:
                     handles[path] = safe_open(str(path), framework="pt", device=safe_device).__enter__()
-                target = _target_dtype(key, checkpoint[key][1], dtype, keep_fp32)
+                stored = checkpoint[key][1]
+                if quantise:
+                    target = None  # quantised below from the stored precision
+                elif target_tensor.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale"):
+                    target = target_tensor.dtype  # pre-quantised: e4m3 values and fp32 scales stay as stored
+                else:
+                    target = _target_dtype(key, stored, dtype, keep_fp32)
                 parts.append(handles[path].get_tensor(key).to(device=device, dtype=target))
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
             parts = None
+            if quantise:
+                from .fp8 import quantize_weight
+
+                tensor, scale = quantize_weight(tensor)
+                scale_group = quantised_on_load[groups[group_id][0]]
+                for name in groups[scale_group]:
+                    _assign(module, name, nn.Parameter(scale, requires_grad=False))
             if is_param[group_id]:
-                tensor = nn.Parameter(tensor, requires_grad=tensors[group_id].requires_grad)
+                tensor = nn.Parameter(tensor, requires_grad=target_tensor.requires_grad)
             for name in groups[group_id]:  # tied aliases share the one new tensor
                 _assign(module, name, tensor)
     except CheckpointError:

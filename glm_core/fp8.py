@@ -364,3 +364,33 @@ def fp8_names_in_file(path) -> list[str]:
         keys = list(handle.keys())
     leaf = "weight_scale"
     return sorted(key[: -len(leaf)].rstrip(".") for key in keys if key == leaf or key.endswith("." + leaf))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+WEIGHT_FORMATS = ("bf16", "fp8")
+
+
+def stored_in_fp8(component_dir) -> bool:
+    """True when a checkpoint component holds pre-quantised layers (`*.weight_scale` keys; headers only)."""
+    from .checkpoint import read_headers
+
+    return any(key.endswith(".weight_scale") for key in read_headers(component_dir))
+
+
+def use_fp8_linears_(model: nn.Module, pattern, weights: str, component_dir) -> None:
+    """Before loading: turn the meta-built model's linears whose names fully match `pattern` into FP8 layers when
+    `weights` is "fp8". A pre-quantised component can only load as FP8 (clear error otherwise)."""
+    from .checkpoint import CheckpointError
+
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights != "fp8":
+        if stored_in_fp8(component_dir):
+            raise CheckpointError(f"{component_dir} holds FP8 weights (a pre-quantised copy); load it with "
+                                  "weights='fp8' (or 'auto')")
+        return
+    fp8_structure_(model, [name for name, child in model.named_modules()
+                           if type(child) is nn.Linear and pattern.fullmatch(name)])

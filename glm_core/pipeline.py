@@ -25,6 +25,7 @@ from .glyph import load_glyph_encoder
 from .memory import (GB, VAE_DECODE_BYTES_PER_PIXEL, estimated_working_bytes, free_bytes, gpu_released_on_error,
                      out_of_memory_error)
 from .processor import PromptProcessor, adjust_reference_size, validate_target_size
+from .fp8 import WEIGHT_FORMATS, stored_in_fp8
 from .residency import PLACEMENTS, StageWeights, host_copy_plan
 from .schedule import SchedulerConfig, image_seq_len, timesteps_and_sigmas
 from .tokens import (PriorTokens, check_token_ids, check_tokens_match, load_tokens, preview_tokens, save_tokens,
@@ -45,8 +46,8 @@ COMPONENT_OF_STAGE = {"vision": "vision_language_encoder", "ar": "vision_languag
 _KEYS_OF_STAGE = {"vision": is_vision_key, "ar": lambda key: not is_vision_key(key)}
 _LOADERS = {"vision": load_vision, "ar": load_ar, "glyph": load_glyph_encoder, "dit": load_dit, "vae": load_vae}
 _COMPILED_STAGES = ("ar", "dit")
+_FP8_STAGES = ("ar", "dit")  # the stages whose linears can be stored in FP8 (weights="fp8")
 HEADROOM_BYTES = int(1.5 * GB)  # beyond the estimates: allocator fragmentation, cuBLAS/compile workspaces
-_INT_ITEMSIZE = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 __all__ = ["GlmImage", "Conditioning", "PriorTokens", "encode_prompt", "generate_tokens", "decode", "generate",
            "save_tokens", "load_tokens", "preview_tokens", "DEFAULT_STEPS", "DEFAULT_GUIDANCE"]
@@ -65,9 +66,13 @@ class GlmImage:
     """
 
     def __init__(self, checkpoint: CheckpointFolder, device: torch.device, dtype: torch.dtype,
-                 compile: bool | None = None, placement: str = "auto"):
+                 compile: bool | None = None, placement: str = "auto", weights: str = "bf16"):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS} here (auto is decided by from_folder), "
+                             f"got {weights!r}")
+        self.weights = weights
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.dtype = dtype
@@ -80,20 +85,53 @@ class GlmImage:
         self.ar_config = ARConfig.from_folder(checkpoint.component_dir("vision_language_encoder"))
         self._modules: dict[str, torch.nn.Module] = {}
         self._weights: dict[str, StageWeights] = {}
+        self._meta: dict[str, torch.nn.Module] = {}
+        self._nbytes: dict[str, int] = {}
         self.on_load: Callable[[str, int, float], None] | None = None  # (stage, bytes, seconds) after each load
 
     @classmethod
-    def from_folder(cls, folder, *, device=None, dtype: torch.dtype | None = None,
-                    compile: bool | None = None, placement: str = "auto") -> "GlmImage":
-        """Validate the folder and read its configs; no weights are read until a stage runs."""
+    def from_folder(cls, folder, *, device=None, dtype: torch.dtype | None = None, compile: bool | None = None,
+                    placement: str = "auto", weights: str = "auto") -> "GlmImage":
+        """Validate the folder and read its configs; no weights are read until a stage runs.
+
+        weights: "bf16" (the checkpoint's precision), "fp8" (the AR decoder's and the DiT blocks' linears in FP8:
+        half the memory), or "auto": FP8 for a pre-quantised folder, else bf16 when the largest stage fits the free
+        GPU memory with room to run, else FP8 (the choice and its reason are logged)."""
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU "
                              f"(torch {torch.__version__}); use device 'cpu', or install a CUDA build of PyTorch")
+        if weights not in ("auto", *WEIGHT_FORMATS):
+            raise ValueError(f"weights must be 'auto', 'bf16' or 'fp8', got {weights!r}")
         if dtype is None:
             # bf16 is the checkpoint's own dtype; on the CPU fp32 is both faster and exact.
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        return cls(open_checkpoint(folder), device, dtype, compile, placement)
+        checkpoint = open_checkpoint(folder)
+        model = cls(checkpoint, device, dtype, compile, placement, "bf16" if weights == "auto" else weights)
+        if weights == "auto":
+            model.weights = model._choose_weights()
+        return model
+
+    def _choose_weights(self) -> str:
+        stored = [stage for stage in _FP8_STAGES
+                  if stored_in_fp8(self.checkpoint.component_dir(COMPONENT_OF_STAGE[stage]))]
+        if stored:
+            log.info("weights auto: fp8 (the %s weights in this folder are stored in FP8)", "/".join(stored))
+            return "fp8"
+        if self.device.type != "cuda":
+            return "bf16"
+        largest = max(self.stage_nbytes(stage) for stage in _FP8_STAGES)
+        needed = largest + estimated_working_bytes("ar", height=1024, width=1024) + HEADROOM_BYTES
+        free = free_bytes(self.device)
+        if free >= needed:
+            log.info("weights auto: bf16 (the largest stage, %.1f GB, fits the %.1f GB free with room to run)",
+                     largest / GB, free / GB)
+            return "bf16"
+        log.info("weights auto: fp8 (the largest stage needs %.1f GB in bf16 with room to run; %.1f GB are free)",
+                 needed / GB, free / GB)
+        self._meta.clear()
+        self._nbytes.clear()
+        return "fp8"
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -118,9 +156,8 @@ class GlmImage:
             module = self._modules.get(name)
             if module is None:
                 start = time.perf_counter()
-                extra = {"compile": self.compile} if name in _COMPILED_STAGES else {}
                 with gpu_released_on_error(f"loading the {name} weights", self.device):
-                    module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **extra)
+                    module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))
                 self._modules[name] = module
                 if self.on_load is not None:
                     self.on_load(name, self.stage_nbytes(name), time.perf_counter() - start)
@@ -146,7 +183,21 @@ class GlmImage:
         indexes, every shard's header (truncated files), keys and shapes against the modules built on the meta
         device. CheckpointError names the first problem."""
         for name in names:
-            _LOADERS[name](self.checkpoint.root, "meta", self.dtype, dry_run=True)
+            self._meta_module(name)
+
+    def _loader_options(self, name: str) -> dict:
+        options = {"compile": self.compile} if name in _COMPILED_STAGES else {}
+        if name in _FP8_STAGES:
+            options["weights"] = self.weights
+        return options
+
+    def _meta_module(self, name: str) -> torch.nn.Module:
+        """The stage built on the meta device with every file check of a real load (cached)."""
+        module = self._meta.get(name)
+        if module is None:
+            module = self._meta[name] = _LOADERS[name](self.checkpoint.root, "meta", self.dtype, dry_run=True,
+                                                       **self._loader_options(name))
+        return module
 
     def _make_room(self, names: Sequence[str], weights_needed: int, working_bytes: int) -> None:
         needed = weights_needed + working_bytes
@@ -192,17 +243,19 @@ class GlmImage:
         return module is not None and _module_device(module) == self.device
 
     def stage_nbytes(self, name: str) -> int:
-        """Bytes a stage's weights take on the device in this model's dtype (from the file headers, nothing read)."""
+        """Bytes a stage's weights take on the device (FP8 layers included; from the meta-built module, nothing read)."""
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
-        keep = _KEYS_OF_STAGE.get(name, lambda key: True)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        total = 0
-        for key, (shape, stored, _) in read_headers(self.checkpoint.component_dir(COMPONENT_OF_STAGE[name])).items():
-            if keep(key):
-                # floating tensors load in the model dtype; integer ones keep their stored width
-                total += math.prod(shape) * (itemsize if stored.startswith(("F", "BF")) else _INT_ITEMSIZE[stored])
-        return total
+        if name not in self._nbytes:
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            total = 0
+            for key, tensor in self._meta_module(name).state_dict().items():
+                if tensor.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale") or not tensor.is_floating_point():
+                    total += tensor.numel() * tensor.element_size()  # stored as built (e4m3, fp32 scales, ints)
+                else:
+                    total += tensor.numel() * itemsize  # loaded in the model dtype
+            self._nbytes[name] = total
+        return self._nbytes[name]
 
     def offload(self, stage: str | None = None) -> None:
         """Move a stage's weights (or all stages') off the GPU (see `release`)."""

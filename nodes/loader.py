@@ -12,6 +12,8 @@ from .types import CATEGORY, GLM_IMAGE_MODEL
 DEFAULT_MODEL_FOLDER = "GLM-Image"  # models/glm_image/GLM-Image = a download of zai-org/GLM-Image
 # fp16 is left out: the reference reports fp16 VAE overflow (black / NaN images) for this model.
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHTS = ("auto", "bf16", "fp8")
+PLACEMENTS = ("auto", "gpu", "sequential")
 _MAX_SCAN_DEPTH = 3  # models/glm_image/<org>/<name>/model_index.json is depth 2; stop well before a big tree
 
 comfy_services.register_model_folder()
@@ -61,8 +63,8 @@ def resolve_model_folder(name: str) -> Path:
 
 class LoadGlmImage:
     DESCRIPTION = (
-        "Opens a GLM-Image model folder (the diffusers layout of zai-org/GLM-Image). Cheap: each stage's "
-        "weights (AR prior, DiT, VAE, glyph encoder) load on first use, so re-running this node costs nothing.")
+        "Opens a GLM-Image model folder (the diffusers layout of zai-org/GLM-Image) and checks every file in it. "
+        "Cheap: each stage's weights (AR prior, DiT, VAE, glyph encoder) load on first use.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (GLM_IMAGE_MODEL,)
@@ -78,22 +80,41 @@ class LoadGlmImage:
                                f"(default name: {DEFAULT_MODEL_FOLDER}) or models/diffusers/."}),
                 "dtype": (list(DTYPES), {
                     "default": "bf16",
-                    "tooltip": "Weight precision. bf16: the checkpoint's own precision, half the memory of fp32. "
+                    "tooltip": "Compute precision. bf16: the checkpoint's own precision, half the memory of fp32. "
                                "fp32: for CPUs without fast bf16, or to rule out precision issues."}),
-            }
+            },
+            "optional": {
+                "weights": (list(WEIGHTS), {
+                    "default": "auto",
+                    "tooltip": "How the big layers are stored. bf16: as published (AR 17.9 GB, DiT 13.9 GB). fp8: "
+                               "the AR's and the DiT's linear layers in FP8, half the memory, for 12-16 GB cards "
+                               "(slightly different images). auto: bf16 if the larger stage fits the free GPU "
+                               "memory, else fp8; a pre-quantised folder is always fp8. The console says which."}),
+                "placement": (list(PLACEMENTS), {
+                    "default": "auto",
+                    "tooltip": "Where the stages stay between runs. auto: follow ComfyUI (--highvram keeps both on "
+                               "the GPU, --lowvram one at a time, otherwise what fits the free memory). gpu: both "
+                               "stay on the GPU (needs about 36 GB in bf16). sequential: one stage on the GPU at a "
+                               "time (each swap costs a copy from host memory)."}),
+            },
         }
 
     @classmethod
-    def IS_CHANGED(cls, model_folder, dtype):
+    def IS_CHANGED(cls, model_folder, dtype, weights="auto", placement="auto"):
         # Re-open the folder when its model_index.json changes (a new download), not only when the name does.
         try:
             index = resolve_model_folder(model_folder) / "model_index.json"
-            return f"{index}:{index.stat().st_mtime_ns}:{dtype}"
+            return f"{index}:{index.stat().st_mtime_ns}:{dtype}:{weights}:{placement}"
         except (ValueError, OSError):
             return ""  # load() raises the clear error
 
-    def load(self, model_folder, dtype):
+    def load(self, model_folder, dtype, weights="auto", placement="auto"):
         from ..glm_core.pipeline import GlmImage
 
         folder = resolve_model_folder(model_folder)
-        return (GlmImage.from_folder(folder, device=comfy_services.torch_device(), dtype=DTYPES[dtype]),)
+        if placement == "auto":
+            placement = comfy_services.placement_from_flags()
+        model = GlmImage.from_folder(folder, device=comfy_services.torch_device(), dtype=DTYPES[dtype],
+                                     weights=weights, placement=placement)
+        model.check()  # every config, shard index and shard header now, not when a stage first runs
+        return (model,)

@@ -9,6 +9,7 @@ The model holds no generation state. A `KVCache` (decode.py) is passed in explic
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -74,6 +75,7 @@ class TextAttention(nn.Module):
     checkpoint_fusions = {
         "qkv_proj.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
         "qkv_proj.bias": ("q_proj.bias", "k_proj.bias", "v_proj.bias"),
+        "qkv_proj.weight_scale": ("q_proj.weight_scale", "k_proj.weight_scale", "v_proj.weight_scale"),  # FP8
     }
 
     def __init__(self, config: TextConfig):
@@ -248,23 +250,31 @@ class GlmImageAR(nn.Module):
         return self.lm_head(hidden)
 
 
+# The linears stored in FP8 when the AR loads with weights="fp8": every projection of the decoder layers (the
+# bytes each decode token reads). Embeddings, norms and the vision-vocab head stay in the compute dtype.
+FP8_LINEARS = re.compile(r"model\.language_model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))")
+
+
 def is_vision_key(key: str) -> bool:
     """Checkpoint keys of the vision stage (tower + VQ) inside vision_language_encoder/ (spec §3.1)."""
     return key.startswith(("model.visual.", "model.vqmodel."))
 
 
 def load_ar(checkpoint_folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-            *, compile: bool | None = None, dry_run: bool = False) -> GlmImageAR:
+            *, compile: bool | None = None, weights: str = "bf16", dry_run: bool = False) -> GlmImageAR:
     """Build the text decoder on the meta device and assign the checkpoint's weights straight to device/dtype
-    (the vision tower's keys in the same files are left for `vision.load_vision`)."""
+    (the vision tower's keys in the same files are left for `vision.load_vision`). weights="fp8": the decoder
+    layers' linears in FP8 (quantised as they load, or read as stored from a pre-quantised folder)."""
     from ..checkpoint import load_weights, open_checkpoint
     from ..compiling import compile_backend
+    from ..fp8 import use_fp8_linears_
 
     folder = open_checkpoint(checkpoint_folder)
     component = folder.component_dir("vision_language_encoder")
     config = ARConfig.from_folder(component)
     with torch.device("meta"):
         model = GlmImageAR(config)
+    use_fp8_linears_(model, FP8_LINEARS, weights, component)
     load_weights(model, component, device=device, dtype=dtype, ignore_keys=is_vision_key, dry_run=dry_run)
     model.compile_backend = compile_backend(device, compile)
     return model.eval().requires_grad_(False)
