@@ -7,6 +7,9 @@ environment variable GLM_CORE_NO_COMPILE=1 (any value other than "" / "0" turns 
 
 Each stage module carries the backend it runs its hot function through (`compile_backend`: None =
 eager), set once by its loader from `compile_backend(device, compile)`.
+
+What torch compiles is kept on disk for the next process (`use_persistent_compile_cache`): a fresh process
+then reads the kernels instead of compiling them again.
 """
 
 from __future__ import annotations
@@ -14,12 +17,44 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 NO_COMPILE_ENV = "GLM_CORE_NO_COMPILE"
 DEFAULT_BACKEND = "inductor"
+# torch's own variable: inductor's FX-graph cache, the AOTAutograd cache and Triton's kernels all live under it.
+CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 log = logging.getLogger("glm_core")
+
+
+def compile_cache_dir() -> Path:
+    """The folder of torch's compile caches: $TORCHINDUCTOR_CACHE_DIR when the user set it, else
+    glm_core/torch_compile in the user's cache folder ($XDG_CACHE_HOME, or ~/.cache)."""
+    chosen = os.environ.get(CACHE_DIR_ENV, "").strip()
+    # Importing torch._dynamo writes torch's own /tmp default into the variable: that value is not a choice.
+    if chosen and os.path.abspath(chosen) != _torch_default_cache_dir():
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "glm_core" / "torch_compile"
+
+
+def _torch_default_cache_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # older torch: its default then only counts as the user's choice
+        return None
+    return os.path.abspath(default_cache_dir())
+
+
+def use_persistent_compile_cache() -> Path:
+    """Point torch's on-disk compile caches at `compile_cache_dir()` before the first compile, so that the next
+    process reads this one's graphs and kernels instead of compiling them again (torch's own default folder is
+    in /tmp, which a reboot empties). A folder the user chose through TORCHINDUCTOR_CACHE_DIR is kept. torch
+    reads the variable whenever it opens its caches, so setting it here, before any compile, is enough."""
+    folder = compile_cache_dir()
+    os.environ[CACHE_DIR_ENV] = str(folder)
+    return folder
 
 
 def compile_wanted(device: torch.device | str, requested: bool | None = None) -> bool:
@@ -71,6 +106,7 @@ class CompiledOrEager:
     """
 
     def __init__(self, fn: Callable, name: str, *, backend: str = DEFAULT_BACKEND, dynamic: bool | None = None):
+        use_persistent_compile_cache()
         self.fn, self.name, self.backend = fn, name, backend
         self.compiled = torch.compile(fn, backend=backend, dynamic=dynamic)
         self.fallback_reason: str | None = None
