@@ -7,10 +7,14 @@ Reuse an AR result: --save-tokens FILE keeps the token grid; --load-tokens FILE 
 prompt, size and references) without running the AR stage.
 
 Everything about the request is checked before any weight is read; errors exit with code 2, Ctrl-C with 130.
+
+--timings FILE writes how long each part of the run took (JSON), for the cold-start benchmark (bench/cold_start.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
@@ -68,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "AR (give the same prompt, size and references)")
     p.add_argument("--out", type=Path, default=Path("glm_image.png"), help="output image (.png, .jpg, .webp, ...); "
                    "a batch writes name_0.png, name_1.png, ...")
+    p.add_argument("--timings", type=Path, help="also write how long each part of the run took (JSON: seconds per "
+                   "part, per stage load, and torch.compile's own total)")
     return p.parse_args(argv)
 
 
@@ -138,6 +144,42 @@ class ProgressLines:
             self.next_report = done / total + 0.1
 
 
+class RunTimings:
+    """Seconds spent in each part of one run (--timings). Parts are consecutive; the stage loads and torch.compile
+    happen inside them (the first image's AR and DiT calls load and compile), so they are listed on their own."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.parts: dict[str, float] = {}
+        self.loads: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
+
+    def write(self, path: Path) -> None:
+        data = {"total_s": time.perf_counter() - self.start, "parts_s": self.parts, "loads_s": self.loads,
+                "compile_s": _compile_seconds()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def _compile_seconds() -> float | None:
+    """torch.compile's own time in this process (dynamo tracing + the backend), None where torch does not say."""
+    if "torch._dynamo" not in sys.modules:
+        return 0.0
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return calculate_time_spent().get("entire_frame_compile", 0.0)
+    except (ImportError, AttributeError):
+        return None
+
+
 def print_load(stage: str, nbytes: int, seconds: float) -> None:
     names = {"vision": "vision tower", "ar": "AR", "glyph": "glyph encoder", "dit": "DiT", "vae": "VAE"}
     print(f"loaded {names.get(stage, stage)} weights ({nbytes / 1e9:.1f} GB) in {seconds:.1f} s", file=sys.stderr,
@@ -172,17 +214,21 @@ def save_images(images, paths: list[Path], demo: bool) -> None:
             raise SystemExit(2) from None
 
 
-def run(args) -> int:
+def run(args, timings: RunTimings | None = None) -> int:
+    timings = timings or RunTimings()
+    part = timings.part
     demo = args.model is None
     width = args.width if args.width is not None else (DEMO_SIDE if demo else 1024)
     height = args.height if args.height is not None else (DEMO_SIDE if demo else 1024)
     steps = args.steps if args.steps is not None else (DEMO_STEPS if demo else 50)
-    check_args(args, width, height, steps)
-    paths = output_paths(args.out, args.batch)
+    with part("check_request"):  # the first import of torch happens here
+        check_args(args, width, height, steps)
+        paths = output_paths(args.out, args.batch)
 
-    import torch
+    with part("import"):
+        import torch
 
-    from .pipeline import GlmImage, decode, encode_prompt, generate_tokens, load_tokens, save_tokens
+        from .pipeline import GlmImage, decode, encode_prompt, generate_tokens, load_tokens, save_tokens
 
     if demo:
         from .demo_checkpoint import write_demo_checkpoint
@@ -194,15 +240,22 @@ def run(args) -> int:
     else:
         folder = args.model
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
-    model = GlmImage.from_folder(folder, device=args.device, dtype=dtype, placement=args.placement,
-                                 weights=args.weights, compile=False if args.no_compile else None)
-    model.on_load = print_load
+    with part("open_model"):
+        model = GlmImage.from_folder(folder, device=args.device, dtype=dtype, placement=args.placement,
+                                     weights=args.weights, compile=False if args.no_compile else None)
+
+    def on_load(stage: str, nbytes: int, seconds: float) -> None:
+        print_load(stage, nbytes, seconds)
+        timings.loads[stage] = timings.loads.get(stage, 0.0) + seconds
+
+    model.on_load = on_load
     stages = ["glyph", "dit", "vae"] if not args.tokens_only else []
     if args.load_tokens is None:
         stages.append("ar")
     if args.ref:
         stages.append("vision")
-    model.check(stages)  # every file the run will read, before the first weight is
+    with part("check_files"):
+        model.check(stages)  # every file the run will read, before the first weight is
     tokens = load_tokens(args.load_tokens) if args.load_tokens is not None else None
     from PIL import Image
 
@@ -214,11 +267,13 @@ def run(args) -> int:
                 references.append(image.copy())
         except OSError as error:
             raise UsageError(f"--ref {path}: not a readable image ({error})") from None
-    cond = encode_prompt(model, args.prompt, width, height, references)
+    with part("encode_prompt"):
+        cond = encode_prompt(model, args.prompt, width, height, references)
     if tokens is None:
         ar_seed = args.seed if args.ar_seed is None else args.ar_seed
-        tokens = generate_tokens(model, cond, seed=ar_seed, temperature=args.temperature, top_p=args.top_p,
-                                 top_k=args.top_k, batch_size=args.batch, progress=ProgressLines("AR tokens"))
+        with part("generate_tokens"):
+            tokens = generate_tokens(model, cond, seed=ar_seed, temperature=args.temperature, top_p=args.top_p,
+                                     top_k=args.top_k, batch_size=args.batch, progress=ProgressLines("AR tokens"))
         if args.save_tokens:
             print(f"tokens written to {save_tokens(tokens, args.save_tokens)}", file=sys.stderr)
         if args.tokens_only:
@@ -227,21 +282,28 @@ def run(args) -> int:
             for row in grid[0].tolist():
                 print(" ".join(f"{t:5d}" for t in row))
             return 0
-        model.unload("ar")  # the tokens exist: this run never needs the AR weights again
-    images = decode(model, cond, tokens, steps=steps, guidance=args.guidance, seed=args.seed,
-                    progress=ProgressLines("DiT steps"))
-    save_images(images, paths if len(images) == len(paths) else output_paths(args.out, len(images)), demo)
+        with part("unload_ar"):
+            model.unload("ar")  # the tokens exist: this run never needs the AR weights again
+    with part("decode"):
+        images = decode(model, cond, tokens, steps=steps, guidance=args.guidance, seed=args.seed,
+                        progress=ProgressLines("DiT steps"))
+    with part("save"):
+        save_images(images, paths if len(images) == len(paths) else output_paths(args.out, len(images)), demo)
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    timings = RunTimings()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("glm_core").addHandler(handler)
     logging.getLogger("glm_core").setLevel(logging.INFO)
     try:
-        return run(args)
+        code = run(args, timings)
+        if args.timings is not None:
+            timings.write(args.timings)
+        return code
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written", file=sys.stderr)
         return 130
