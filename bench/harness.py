@@ -1,10 +1,10 @@
-"""What `bench/run.py` and `bench/parity_fullsize.py` share: timing, hardware ceilings, the time
-budget, per-phase error capture, and the JSON / markdown report that is rewritten after every
-measurement (a device command that runs out of time still leaves its numbers behind).
+"""What every bench entry point shares (run.py, parity_fullsize.py, fp8_kernels.py): the one clock, the time
+budget, hardware ceilings, per-phase error capture, the command-line preamble, and the JSON / markdown report
+that is rewritten after every measurement (a device command that runs out of time still leaves its numbers).
 
-Timing follows the device METHOD.md: device events around the region (or a synchronised host
-clock on the CPU), a warm-up first, the median of several runs, fresh random inputs for each run
-(drawn outside the timed region), never zeros.
+The clock (`time_once`, `measure`): CUDA events around the region, or, for whole runs that synchronise inside,
+the host clock between two synchronisations (`wall=True`, and always on the CPU); a warm-up first, the median of
+several runs, fresh random inputs for each run (drawn outside the timed region), never zeros.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ class Timing:
         return {"median_s": self.median, "runs_s": self.seconds, "spread": self.spread}
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call of `fn`, from the device's point of view."""
-    if device.type == "cuda":
+def time_once(fn: Callable[[], object], device: torch.device, *, wall: bool = False) -> float:
+    """Seconds for one call of `fn`: CUDA events around it (the device's view), or, with `wall` (and on the CPU),
+    the host clock between two synchronisations: what a user waits for a whole run that syncs inside."""
+    if device.type == "cuda" and not wall:
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -152,23 +153,26 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
 def measure(run: Callable[[object], object], *, device: torch.device, setup: Callable[[], object] | None = None,
             warmup: int = 1, reps: int = 5, max_s: float | None = None,
-            deadline: Deadline | None = None) -> Timing:
+            deadline: Deadline | None = None, wall: bool = False) -> Timing:
     """Median-of-`reps` timing of `run(inputs)`, `inputs = setup()` drawn fresh before every call.
 
     `max_s` time-boxes the timed runs: no further run starts once another one (at the median so far)
     would end past it; at least one run is always timed. A `deadline` is checked before each run.
+    `wall`: the synchronised host clock instead of CUDA events (see `time_once`).
     """
     setup = setup or (lambda: None)
     for _ in range(warmup):
         inputs = setup()
-        time_once(lambda: run(inputs), device)
+        time_once(lambda: run(inputs), device, wall=wall)
         del inputs
     seconds: list[float] = []
     while len(seconds) < max(reps, 1):
@@ -177,7 +181,7 @@ def measure(run: Callable[[object], object], *, device: torch.device, setup: Cal
         if deadline is not None:
             deadline.check("between timed runs")
         inputs = setup()
-        seconds.append(time_once(lambda: run(inputs), device))
+        seconds.append(time_once(lambda: run(inputs), device, wall=wall))
         del inputs
     return Timing(seconds)
 
@@ -435,6 +439,23 @@ def parse_common(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
             p.error(f"--model {args.model}: not a GLM-Image checkpoint folder (needs model_index.json naming "
                     "GlmImagePipeline and its component sub-folders)")
     return args
+
+
+def open_report(args: argparse.Namespace, argv: list[str], module: str, stem: str, mode: str,
+                render_markdown: Callable[[dict], str]) -> tuple["Report", "Deadline", torch.device]:
+    """The preamble of every bench entry point: device and budget (`start_run`), the report with the run's
+    meta data, and a first log line naming the GPU and the library versions (a version other than the
+    spec's is logged and noted in the report)."""
+    deadline, device = start_run(args)
+    report = Report(Path(args.out) if args.out else None, stem, base_meta(device, ["-m", module] + argv, mode),
+                    render_markdown)
+    versions = report.data["reference_versions"]
+    log(f"GPU: {report.data['gpu']}; torch {versions['torch']} (CUDA {versions['cuda']}), transformers "
+        f"{versions.get('transformers')}, diffusers {versions.get('diffusers')}", deadline)
+    for warning in version_warnings(versions):
+        log(f"WARNING: {warning}", deadline)
+        report.note(warning)
+    return report, deadline, device
 
 
 def start_run(args: argparse.Namespace) -> tuple["Deadline", torch.device]:

@@ -7,8 +7,10 @@ init (never zeros; values always bf16-representable, so an fp32 copy holds exact
 Computed buffers (the AR's rotary `inv_freq`) are rebuilt in fp32, as `from_pretrained` leaves them.
 
 glm_core's model is then built on the meta device and given the *same tensors*
-(`load_state_dict(assign=True)`): no second copy, and both sides provably run the same weights.
+(`load_state_dict(assign=True)`): no second copy, and both sides provably run the same weights (the q/k/v and
+gate/up parts that our modules fuse are concatenated by their load pre-hook, as from a checkpoint).
 With `--model DIR` the reference loads a real checkpoint folder instead and ours shares it the same way.
+bench/fullsize_checkpoint.py writes a random-weight folder from the same builders.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,12 +298,20 @@ def cast_parameters_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 # glm_core models sharing the reference's tensors
 
 
-def _share(ours: nn.Module, reference: nn.Module, device) -> nn.Module:
-    from glm_core.checkpoint import init_computed_buffers
+def _share(ours: nn.Module, reference: nn.Module, device, keep: Callable[[str], bool] = lambda key: True
+           ) -> nn.Module:
+    """Give `ours` (built on the meta device) the reference's tensors under the checkpoint's key names, `keep`
+    choosing which of the reference's keys belong to it. The parts that our modules fuse at load time (q/k/v,
+    gate/up) are concatenated by their `load_state_dict` pre-hook, as from a checkpoint; every other tensor is
+    the reference's own (no copy)."""
+    from glm_core.checkpoint import checkpoint_fusions, init_computed_buffers
 
-    state = reference.state_dict()
-    ours_keys = set(ours.state_dict().keys())
-    missing, unexpected = sorted(ours_keys - state.keys()), sorted(state.keys() - ours_keys)
+    state = {key: value for key, value in reference.state_dict().items() if keep(key)}
+    expected = set(ours.state_dict())
+    for fused, parts in checkpoint_fusions(ours).items():
+        if fused in expected:
+            expected = (expected - {fused}) | set(parts)
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         raise RuntimeError(f"{type(ours).__name__} and {type(reference).__name__} key names differ: "
                            f"missing in reference {missing[:5]}, extra in reference {unexpected[:5]}")
@@ -310,21 +321,41 @@ def _share(ours: nn.Module, reference: nn.Module, device) -> nn.Module:
 
 
 def ours_ar(config: dict, reference: nn.Module, device):
+    """Our text decoder + head on the reference's tensors (its vision tower is `ours_vision`); the decode layer
+    compiled as `load_ar` would (on CUDA)."""
     from glm_core.ar.config import ARConfig
-    from glm_core.ar.model import GlmImageAR
+    from glm_core.ar.model import GlmImageAR, is_vision_key
+    from glm_core.compiling import compile_backend
 
     with torch.device("meta"):
         model = GlmImageAR(ARConfig.from_dict(copy.deepcopy(config)))
-    return _share(model, reference, device)
+    model = _share(model, reference, device, keep=lambda key: not is_vision_key(key))
+    model.compile_backend = compile_backend(device)
+    return model
+
+
+def ours_vision(config: dict, reference: nn.Module, device):
+    """Our vision stage (vision tower + VQ: reference images -> codebook ids) on the reference AR's tensors."""
+    from glm_core.ar.config import ARConfig
+    from glm_core.ar.model import is_vision_key
+    from glm_core.ar.vision import VisionTokenizer
+
+    with torch.device("meta"):
+        model = VisionTokenizer(ARConfig.from_dict(copy.deepcopy(config)))
+    return _share(model, reference, device, keep=is_vision_key)
 
 
 def ours_dit(config: dict, reference: nn.Module, device):
+    """Our DiT on the reference's tensors; its blocks compiled as `load_dit` would (on CUDA)."""
+    from glm_core.compiling import compile_backend
     from glm_core.dit.config import DiTConfig
     from glm_core.dit.model import GlmImageDiT
 
     with torch.device("meta"):
         model = GlmImageDiT(DiTConfig.from_dict(copy.deepcopy(config)))
-    return _share(model, reference, device)
+    model = _share(model, reference, device)
+    model.compile_backend = compile_backend(device)
+    return model
 
 
 def ours_vae(config: dict, reference: nn.Module, device):

@@ -168,8 +168,9 @@ def reference_vq_ids(ref, prompt: workloads.ARPrompt, device) -> torch.Tensor:
 
 
 def phase_ar(p: Parity, clock: Deadline) -> None:
-    from glm_core.ar.decode import cached_forced_logits, prefill, prepare_prompt, setup_caches, \
-        teacher_forced_logits
+    from glm_core.ar.decode import prefill, prepare_prompt, setup_caches
+    from glm_core.compiling import compile_backend
+    from tests.forcing import cached_forced_logits, teacher_forced_logits
 
     cfg, s, device = p.configs.ar, p.sizes, p.device
     gen = p.generator(10)
@@ -222,6 +223,7 @@ def phase_ar(p: Parity, clock: Deadline) -> None:
         p.report.set("ar.vq_agreement.reference_bf16", (r16["vq"] == r32["vq"]).float().mean().item())
 
         ours = models.ours_ar(cfg, ref, device)
+        ours.compile_backend = None  # eager first; the compiled decode layer is its own row below
         our_pos = ours_positions(cfg, prompt, n_rows - 1)
         our_edit_pos = ours_positions(cfg, edit, 0)
         p.report.set("ar.positions_equal_reference", {
@@ -236,7 +238,7 @@ def phase_ar(p: Parity, clock: Deadline) -> None:
         p.record("ar.edit_prefill.ours", compare_logits(logits, r32["edit"]))
         p.record("ar.edit_prefill.ours_vs_reference_bf16", compare_logits(logits, r16["edit"]))
         del logits, r16
-        vq = ours.image_token_ids(edit.pixel_values, edit.reference_grids).cpu()
+        vq = models.ours_vision(cfg, ref, device).image_token_ids(edit.pixel_values, edit.reference_grids).cpu()
         p.report.set("ar.vq_agreement.ours", (vq == r32["vq"]).float().mean().item())
         log(f"  VQ id agreement with fp32: reference bf16 {p.report.get('ar.vq_agreement.reference_bf16'):.4f}, "
             f"ours {p.report.get('ar.vq_agreement.ours'):.4f}", p.deadline)
@@ -253,8 +255,9 @@ def phase_ar(p: Parity, clock: Deadline) -> None:
             p.record("ar.teacher_forced_cached.ours", compare_logits(logits, r32["forced"]))
             del logits
             if device.type == "cuda" and clock.remaining() > estimate + 40:
-                # the path generate_tokens takes on a GPU: fused q/k/v + the torch.compile'd decode layer
-                logits = cached_forced_logits(ours, prompt.ours_inputs(), forced, compile=True).float()[0].cpu()
+                # the path generate_tokens takes on a GPU: the torch.compile'd decode layer
+                ours.compile_backend = compile_backend(device)
+                logits = cached_forced_logits(ours, prompt.ours_inputs(), forced).float()[0].cpu()
                 p.record("ar.teacher_forced_cached_compiled.ours", compare_logits(logits, r32["forced"]))
                 del logits
         else:
@@ -268,6 +271,8 @@ def phase_ar(p: Parity, clock: Deadline) -> None:
 
 def phase_dit(p: Parity, clock: Deadline) -> None:
     from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    from glm_core.dit.sampling import DiTConditioning, predict_velocity
 
     cfg, s, device = p.configs.dit, p.sizes, p.device
     gen = p.generator(20)
@@ -321,21 +326,22 @@ def phase_dit(p: Parity, clock: Deadline) -> None:
         ours = models.ours_dit(cfg, ref, device)
         target = (size, size)
         lat, glyph, neg, prior = (t.to(device) for t in (x.latents, x.glyph, x.negative_glyph, x.prior_ids))
+        cond = DiTConditioning(glyph_embeds=glyph, negative_glyph_embeds=neg, prior_ids=prior, target_size=target)
         results = {
             "cond": ours(lat, glyph, prior, x.timestep, target).float(),
             "uncond": ours(lat, neg, prior, x.timestep, target, prior_drop=torch.ones(1, dtype=torch.bool)).float(),
-            "guided": ours.predict_velocity(lat, glyph, neg, prior, x.timestep, target, guidance=guidance),
+            "guided": predict_velocity(ours, lat, cond, x.timestep, guidance),
         }
-        kv = ours.encode_references([ref_latent.to(device)], [ref_prior.to(device)], [(ref_size, ref_size)])
-        results["cond_ref"] = ours(lat, glyph, prior, x.timestep, target, reference_kv=kv).float()
-        results["guided_ref"] = ours.predict_velocity(lat, glyph, neg, prior, x.timestep, target,
-                                                      guidance=guidance, reference_kv=kv)
-        del kv
+        cond.reference_kv = ours.encode_references([ref_latent.to(device)], [ref_prior.to(device)],
+                                                   [(ref_size, ref_size)])
+        results["cond_ref"] = ours(lat, glyph, prior, x.timestep, target, reference_kv=cond.reference_kv).float()
+        results["guided_ref"] = predict_velocity(ours, lat, cond, x.timestep, guidance)
+        del cond
         for key in r32:
             p.record(f"dit.{key}.ours", compare(results[key], r32[key]))
             p.record(f"dit.{key}.ours_vs_reference_bf16", compare(results[key], r16[key]))
-        p.report.note("DiT ours: guided velocities come from predict_velocity with its default CFG mode "
-                      "(two forwards), on CUDA through the torch.compile'd blocks (the default); cond/uncond "
+        p.report.note("DiT ours: guided velocities come from glm_core.dit.sampling.predict_velocity (the CFG of "
+                      "every denoising step), on CUDA through the torch.compile'd blocks (the default); cond/uncond "
                       "rows are single forwards.")
 
 
@@ -479,17 +485,10 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    deadline, device = harness.start_run(args)
-    strict_fp32()
     mode = "tiny" if args.tiny else ("checkpoint" if args.model else "full size, random bf16-valued weights")
-    report = Report(Path(args.out) if args.out else None, "parity",
-                    harness.base_meta(device, ["-m", "bench.parity_fullsize"] + argv, mode), render_markdown)
-    versions = report.data["reference_versions"]
-    log(f"GPU: {report.data['gpu']}; torch {versions['torch']} (CUDA {versions['cuda']}), transformers "
-        f"{versions.get('transformers')}, diffusers {versions.get('diffusers')}", deadline)
-    for warning in harness.version_warnings(versions):
-        log(f"WARNING: {warning}", deadline)
-        report.note(warning)
+    report, deadline, device = harness.open_report(args, argv, "bench.parity_fullsize", "parity", mode,
+                                                   render_markdown)
+    strict_fp32()
     parity = Parity(args, device, report, deadline)
     report.set("configuration", parity.configs.source)
     report.note("Inputs (yardstick): t2i prompt of random text ids + image-start with the 1024² grids; "

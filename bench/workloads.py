@@ -1,6 +1,7 @@
-"""Synthetic inputs for both implementations, and the work they imply (FLOPs, bytes).
+"""Inputs for both implementations, and the work they imply (FLOPs, bytes).
 
-The AR prompts are what the processor would produce (spec §1.3), with random ordinary text ids in
+The whole-image runs of bench/run.py take their sizes (`E2ESizes`), prompts and reference pictures from here.
+For the full-size parity (bench/parity_fullsize.py), synthetic model inputs: the AR prompts are what the processor would produce (spec §1.3), with random ordinary text ids in
 place of tokenized words: `[text…] <sop> h w <eop> <sop> h' w' <eop> <image-start>` for
 text-to-image, `<image-start> <|image|>×(gh·gw) <image-end> [text…] <sop> h w <eop> <image-start>`
 for editing. Only the image markers and the grids steer the model (positions, placeholders), so the
@@ -18,28 +19,60 @@ PROMPT_TOKENS = 101  # the baseline's text-to-image prompt length (baseline-h100
 
 @dataclass
 class Sizes:
-    """Pixel sizes of each workload. Full size: the issue's 1024² / 2048²; --tiny shrinks them so the
-    same code runs on a CPU in seconds (the metric names keep their full-size labels)."""
+    """Pixel sizes of the full-size parity inputs (bench/parity_fullsize.py); --tiny shrinks them so the same
+    code runs on a CPU in seconds (the result names keep their full-size labels)."""
 
-    ar_t2i: int = 1024  # the whole-generation target (1281 tokens)
-    ar_t2i_small: int = 512  # second generation length for our per-token figure (513 tokens)
+    ar_t2i: int = 1024  # the teacher-forced text-to-image generation (1281 tokens)
     ar_reference: int = 1024  # editing reference image (smart_resize halves it: a 32x32 grid)
     dit_1: int = 1024
-    dit_2: int = 2048
     dit_reference: int = 1024
     vae_1: int = 1024
-    vae_2: int = 2048
-    ref_decode_short: int = 16  # reference generate() budgets for the (long - short) per-token method
-    ref_decode_long: int = 160
-    glyph_tokens: int = 64  # conditional glyph length; the unconditional pass has 1 (baseline-h100.md)
-    steps: int = 50
     guidance: float = 1.5
     preview: int | None = None  # None: the processor's preview grid (≈16×16); --tiny: a 2×2 one (fewer tokens)
 
 
-TINY_SIZES = Sizes(ar_t2i=256, ar_t2i_small=128, ar_reference=64, dit_1=64, dit_2=128, dit_reference=64,
-                   vae_1=64, vae_2=128, ref_decode_short=4, ref_decode_long=16, glyph_tokens=8, steps=50,
-                   preview=2)
+TINY_SIZES = Sizes(ar_t2i=256, ar_reference=64, dit_1=64, dit_reference=64, vae_1=64, preview=2)
+
+
+@dataclass(frozen=True)
+class E2ESizes:
+    """The whole-image workloads of bench/run.py, (width, height) in pixels. --tiny uses smaller ones on the CPU;
+    the report's keys keep their full-size labels (e2e_s_t2i_1024, ...)."""
+
+    t2i: tuple[int, int] = (1024, 1024)
+    large: tuple[int, int] = (2048, 2048)
+    edit_reference: tuple[int, int] = (1024, 1024)  # the one reference image of the edit; its target is `t2i`
+    steps: int = 50
+    guidance: float = 1.5
+    warm_reps: int = 2  # warm whole runs (t2i, later edits) whose median is reported
+    dit_steps_timed: int = 10  # denoise steps per timed run of the per-step figure at `t2i`
+    dit_steps_timed_large: int = 4
+    dit_reps: int = 3
+    # The scripted run of the recompile count: after one t2i at `t2i` and one edit (one reference), text to
+    # image at these sizes, edits with the first k references (k = 1..4), and these batch sizes (at `t2i`).
+    recompile_sizes: tuple[tuple[int, int], ...] = ((1024, 1024), (1280, 1280), (1568, 1056))
+    recompile_references: tuple[tuple[int, int], ...] = ((1024, 1024), (768, 1024), (1024, 768), (512, 512))
+    recompile_batches: tuple[int, ...] = (1, 2, 3, 4)
+    recompile_steps: int = 2
+
+
+TINY_E2E_SIZES = E2ESizes(t2i=(512, 512), large=(640, 640), edit_reference=(512, 512), steps=2, dit_steps_timed=2,
+                          dit_steps_timed_large=2, dit_reps=2, recompile_sizes=((512, 512), (544, 512), (512, 576)),
+                          recompile_references=((512, 512), (512, 544), (544, 512), (512, 512)),
+                          recompile_batches=(1, 2), recompile_steps=1)
+
+# What both sides draw in the whole-image runs: quoted text, so the glyph encoder and its tokens take part.
+T2I_PROMPT = 'a red wooden door with a shop sign that says "OPEN 24 HOURS", morning light, photo'
+EDIT_PROMPT = 'the same door painted blue, the sign now says "CLOSED"'
+
+
+def reference_image(width: int, height: int, seed: int):
+    """A smooth random RGB picture (PIL), a fresh one per seed, for the edits' reference images."""
+    from PIL import Image
+
+    pixels = vae_images(height, width, torch.Generator().manual_seed(seed))[0]  # (3, H, W) in [-1, 1]
+    array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(array, "RGB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,14 +135,15 @@ class ARPrompt:
             kwargs["pixel_values"] = self.pixel_values.to(device)
         return kwargs
 
-    def ours_inputs(self):
+    def ours_inputs(self, reference_ids: torch.Tensor | None = None):
+        """glm_core's `processor.ARInputs`; an editing prompt needs its references' VQ ids (the vision stage's)."""
         from glm_core.processor import ARInputs
 
         return ARInputs(input_ids=self.input_ids, attention_mask=self.attention_mask,
                         image_grid_thw=self.image_grid_thw, images_per_sample=self.images_per_sample,
-                        pixel_values=self.pixel_values, target_grid=self.target_grid,
-                        preview_grid=self.preview_grid, reference_grids=list(self.reference_grids),
-                        height=self.height, width=self.width)
+                        target_grid=self.target_grid, preview_grid=self.preview_grid,
+                        reference_grids=list(self.reference_grids), height=self.height, width=self.width,
+                        reference_ids=reference_ids)
 
 
 def ar_prompt(ar_config: dict, height: int, width: int, *, reference: tuple[int, int] | None = None,

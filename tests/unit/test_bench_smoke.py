@@ -1,8 +1,8 @@
-"""The GPU benchmark and the full-size parity script, run on the CPU at the tiny configuration.
+"""The GPU benchmarks, run on the CPU at the tiny configuration, so that they cannot rot between GPU runs.
 
-Each script runs as its own process (as on the device), through every phase, and must write a
-complete report with no phase errors: the same code paths as the H100 run, so they cannot rot.
-The FLOP / byte formulas behind the "fraction of the floor" column are checked here too.
+`bench.run` (whole images, both sides, cold start, recompiles) and `bench.parity_fullsize` each run as their own
+process (as on the device) on the tiny checkpoint, through every phase, and must write a complete report with no
+phase errors. The FLOP / byte formulas behind the floors are checked against counts made another way.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import torch
 from tests.paths import REPO_ROOT
 
 
-def _run(module: str, out: Path, *args: str, timeout: int = 600) -> dict:
+def _run(module: str, stem: str, out: Path, *args: str, timeout: int = 900) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, "-m", module, "--tiny", "--out", str(out), *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    stem = "bench" if module == "bench.run" else "parity"
     data = json.loads((out / f"{stem}.json").read_text())
     assert (out / f"{stem}.md").read_text().startswith("# GLM-Image")
     assert data["errors"] == [], data["errors"]
@@ -34,45 +33,113 @@ def _run(module: str, out: Path, *args: str, timeout: int = 600) -> dict:
     return data
 
 
-def test_bench_tiny_writes_every_required_key(tmp_path):
-    from bench.run import REQUIRED_KEYS
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
 
-    data = _run("bench.run", tmp_path)
-    for key in ("gpu", "date", "command", "reference_versions", "ours", "reference", "ceilings"):
-        assert key in data, key
-    assert set(data["ceilings"]) == {"matmul_tflops", "copy_gbps"}
-    assert all(data["ceilings"][k] > 0 for k in data["ceilings"])
-    assert data["reference_versions"]["transformers"] and data["reference_versions"]["diffusers"]
+
+@pytest.fixture(scope="module")
+def e2e(tiny_checkpoint, tmp_path_factory):
+    """One tiny run of every phase of bench.run (about a minute and a half on two cores)."""
+    out = tmp_path_factory.mktemp("bench_e2e")
+    return _run("bench.run", "bench", out, "--model", str(tiny_checkpoint)), out
+
+
+def test_e2e_runs_every_phase_and_writes_the_keys_performance_json_takes(e2e):
+    data, out = e2e
+    from bench.run import PHASES
+
+    assert set(data["phases"]) == {"ceilings", *PHASES}
     for side in ("ours", "reference"):
-        for key in REQUIRED_KEYS:
-            assert key in data[side], (side, key)
-            if not key.startswith("peak_gb"):  # peak memory is only tracked on CUDA
-                value = data[side][key]
-                assert isinstance(value, float) and math.isfinite(value), (side, key, value)
-        assert data[side]["ar_s_t2i_1024"] > 0 and data[side]["dit_s_per_step_2048"] > 0
-    assert data["details"]["reference"]["ar_s_t2i_1024"]["extrapolated"] is True
+        for key in ("e2e_s_t2i_1024", "e2e_s_edit_1024", "ar_ms_per_token", "dit_s_per_step_1024"):
+            assert _positive(data[side][key]), (side, key, data[side].get(key))
+    for key in ("cold_cli_s_t2i_1024", "first_run_s_t2i_1024", "first_call_s_t2i_1024", "e2e_s_t2i_2048",
+                "dit_s_per_step_2048", "first_edit_ratio"):
+        assert _positive(data["ours"][key]), (key, data["ours"].get(key))
+    assert isinstance(data["ours"]["recompiles_in_normal_use"], int)
     assert data["floors"]["ar_ms_per_token"] > 0 and data["floors"]["dit_s_per_step_1024"] > 0
-    text = (tmp_path / "bench.md").read_text()
-    assert "extrapolated" in text and "ref/ours" in text
+    text = (out / "bench.md").read_text()
+    assert "| End to end t2i 1024², 50 steps [s] |" in text and "## Cold start, part by part" in text
 
 
-def test_bench_phase_selection_and_checkpoint_folder(tmp_path, tiny_checkpoint):
-    data = _run("bench.run", tmp_path, "--model", str(tiny_checkpoint), "--only", "dit,vae")
-    assert set(data["phases"]) == {"ceilings", "dit.build", "dit.ours", "dit.reference", "vae.build", "vae.ours",
-                                   "vae.reference"}
-    assert data["floors"]["dit_s_per_step_2048"] > 0
-    assert data["ours"]["dit_s_per_step_edit_1024"] > 0 and data["reference"]["vae_decode_s_2048"] > 0
-    assert data["ours"]["ar_ms_per_token"] is None  # not selected: present, but empty
+def test_e2e_figures_are_whole_runs_of_the_expected_size(e2e):
+    """The AR halves are whole generations (t2i 512²: 16·16 grid + 16·16 preview + end = 513 tokens, the edit no
+    preview), the parts fit inside their whole, and the reference's generate was not cut short."""
+    data, _ = e2e
+    details = data["details"]
+    reference_t2i = details["reference"]["e2e_s_t2i_1024"]
+    assert reference_t2i["ar_tokens"] == 16 * 16 + 16 * 16 + 1
+    assert details["reference"]["e2e_s_edit_1024"]["ar_tokens"] == 16 * 16 + 1
+    assert 0 < reference_t2i["ar_s"] < reference_t2i["total_s"]
+    for run in details["ours"]["e2e_s_t2i_1024"]["runs"]:
+        assert run["ar_tokens"] == 513
+        assert run["ar_s"] + run["decode_s"] <= run["total_s"] * (1 + 1e-9)
+    assert len(details["ours"]["e2e_s_t2i_1024"]["runs"]) == data["sizes"]["warm_reps"]
+    steps = details["ours"]["dit_s_per_step_1024"]
+    assert steps["median_s"] / steps["steps_per_run"] == pytest.approx(data["ours"]["dit_s_per_step_1024"])
 
 
-def test_bench_rejects_a_folder_that_is_not_glm_image(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--model", str(tmp_path)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "not a GLM-Image checkpoint folder" in proc.stderr
+def test_e2e_cold_start_runs_fresh_processes_with_their_split(e2e):
+    data, out = e2e
+    for key in ("first_run_s_t2i_1024", "cold_cli_s_t2i_1024"):
+        run = data["details"]["ours"][key]
+        assert run["wall_s"] == data["ours"][key] and run["wall_s"] > run["total_s"] > 0
+        assert {"generate_tokens", "decode", "save"} <= set(run["parts_s"]) and set(run["loads_s"]) >= {"ar", "dit"}
+        assert sum(run["parts_s"].values()) <= run["total_s"]
+        assert run["cache_files_after"] == 0  # the CPU compiles nothing; on the GPU this folder fills
+
+
+def test_e2e_recompile_script_covers_sizes_references_and_batches(e2e):
+    from bench.recompiles import scripted_runs
+    from bench.workloads import TINY_E2E_SIZES
+
+    data, _ = e2e
+    result = data["details"]["ours"]["recompiles_in_normal_use"]
+    script = scripted_runs(TINY_E2E_SIZES)
+    assert result["complete"] and [r["run"] for r in result["runs"]] == [r.label for r in script]
+    assert {len(r.references) for r in script} == {0, 1, 2, 3, 4} and {r.batch for r in script} == {1, 2}
+    assert len({r.size for r in script if r.kind == "t2i"}) == 3
+    assert any("compiled nothing" in note for note in data["notes"])  # compiling is off on the CPU
+
+
+def test_reference_out_of_codebook_ids_are_folded_and_counted(tiny_checkpoint_ooc, tmp_path):
+    """A random AR head samples ids the DiT's codebook lacks; unfolded, the reference pipeline dies on them."""
+    data = _run("bench.run", "bench", tmp_path, "--model", str(tiny_checkpoint_ooc), "--phases", "reference")
+    assert data["reference"]["ids_outside_codebook"] > 0
+    assert _positive(data["reference"]["e2e_s_t2i_1024"]) and _positive(data["reference"]["e2e_s_edit_1024"])
+
+
+def test_bench_keeps_measuring_the_reference_when_ours_fails(tiny_checkpoint, tmp_path, monkeypatch):
+    """A glm_core failure is recorded (with its traceback) and the reference's figures still come."""
+    from bench import ours_runs, run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated glm_core failure")
+
+    monkeypatch.setattr(ours_runs.OursSession, "image", broken)
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    try:
+        data = run.main(["--tiny", "--model", str(tiny_checkpoint), "--phases", "reference,ours",
+                         "--out", str(tmp_path)])
+    finally:  # the bench's start-up sets both for its own process
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+    assert [e["phase"] for e in data["errors"]] == ["ours"]
+    assert "simulated glm_core failure" in data["errors"][0]["traceback"]
+    assert data["phases"]["reference"]["status"] == "ok" and _positive(data["reference"]["e2e_s_t2i_1024"])
+    assert "e2e_s_t2i_1024" not in data.get("ours", {})
+    assert json.loads((tmp_path / "bench.json").read_text())["errors"] == data["errors"]
+
+
+def test_bench_needs_a_glm_image_folder(tmp_path):
+    for args, message in ((["--model", str(tmp_path)], "not a GLM-Image checkpoint folder"),
+                          ([], "--model FOLDER is required")):
+        proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
 def test_parity_tiny_ours_within_the_reference_bf16_error(tmp_path):
-    data = _run("bench.parity_fullsize", tmp_path)
+    data = _run("bench.parity_fullsize", "parity", tmp_path)
     ar, dit, vae = data["ar"], data["dit"], data["vae"]
     assert ar["positions_equal_reference"] == {"t2i_prefill_and_decode": True, "edit_prefill": True}
     rows = ar["inputs"]["logit_rows"]
@@ -85,11 +152,12 @@ def test_parity_tiny_ours_within_the_reference_bf16_error(tmp_path):
         assert ours["finite"] and 0 < yardstick["rel"] < 0.05, (key, yardstick)
         assert ours["rel"] <= 1.5 * yardstick["rel"], (key, ours["rel"], yardstick["rel"])
     assert ar["teacher_forced_cached"]["ours"]["rel"] <= 1.5 * ar["teacher_forced"]["reference_bf16"]["rel"]
+    assert ar["vq_agreement"]["ours"] >= ar["vq_agreement"]["reference_bf16"] - 0.05
     assert vae["decode"]["ours"]["psnr_db"] > 35
 
 
 def test_parity_with_a_checkpoint_folder(tmp_path, tiny_checkpoint):
-    data = _run("bench.parity_fullsize", tmp_path, "--model", str(tiny_checkpoint), "--only", "ar")
+    data = _run("bench.parity_fullsize", "parity", tmp_path, "--model", str(tiny_checkpoint), "--only", "ar")
     assert set(data["phases"]) == {"ar"}
     assert data["ar"]["teacher_forced"]["ours"]["rel"] <= 1.5 * data["ar"]["teacher_forced"]["reference_bf16"]["rel"]
 
@@ -133,7 +201,7 @@ def test_dit_flop_formula_matches_the_flop_counter_and_the_spec():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_init_is_bf16_valued_nonzero_and_buffers_are_fp32(seed):
+def test_random_init_is_bf16_valued_nonzero_and_ours_shares_the_tensors(seed):
     from bench import models
 
     cfg = models.tiny_configs()
@@ -147,38 +215,26 @@ def test_random_init_is_bf16_valued_nonzero_and_buffers_are_fp32(seed):
     assert inv_freq.dtype == torch.float32 and torch.isfinite(inv_freq).all()
     ours = models.ours_ar(cfg.ar, ref, "cpu")
     assert ours.lm_head.weight.data_ptr() == ref.lm_head.weight.data_ptr()  # shared, not copied
-
-
-def test_bench_keeps_measuring_the_reference_when_ours_fails(tmp_path, monkeypatch):
-    """A glm_core failure is recorded (with its traceback) and the reference is still timed."""
-    from bench import models, run
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated glm_core failure")
-
-    monkeypatch.setattr(models, "ours_vae", broken)
-    threads = torch.get_num_threads()
-    try:
-        data = run.main(["--tiny", "--only", "vae", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
-    phases = {e["phase"] for e in data["errors"]}
-    assert phases == {"vae.build (ours)", "vae.ours"}, data["errors"]
-    assert "simulated glm_core failure" in data["errors"][0]["traceback"]
-    assert data["phases"]["vae.reference"]["status"] == "ok"
-    assert data["reference"]["vae_decode_s_1024"] > 0 and data["ours"]["vae_decode_s_1024"] is None
-    assert json.loads((tmp_path / "bench.json").read_text())["errors"] == data["errors"]
+    attn, ref_attn = ours.model.language_model.layers[0].self_attn, ref.model.language_model.layers[0].self_attn
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([ref_attn.q_proj.weight, ref_attn.k_proj.weight,
+                                                        ref_attn.v_proj.weight]))  # fused by the load pre-hook
+    vision = models.ours_vision(cfg.ar, ref, "cpu")
+    assert vision.model.visual.embeddings.position_embedding.weight.data_ptr() == \
+        ref.model.visual.embeddings.position_embedding.weight.data_ptr()
 
 
 def test_real_configuration_builds_both_sides_with_identical_keys_and_shapes():
-    """The full-size run's configs load into the reference and into glm_core (on the meta device, no
-    memory) with the same parameter names and shapes, and the real-size prompts have the spec's lengths."""
+    """The full-size configs load into the reference and into glm_core (on the meta device, no memory) with the
+    same checkpoint names and shapes (ours written back with its fused tensors split), and the real-size prompts
+    have the spec's lengths."""
     from diffusers import AutoencoderKL, GlmImageTransformer2DModel
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
     from bench import models, workloads
     from glm_core.ar.config import ARConfig
     from glm_core.ar.model import GlmImageAR
+    from glm_core.ar.vision import VisionTokenizer
+    from glm_core.checkpoint import official_state_dict
     from glm_core.dit.config import DiTConfig
     from glm_core.dit.model import GlmImageDiT
     from glm_core.vae import GlmImageVAE, VAEConfig
@@ -187,15 +243,15 @@ def test_real_configuration_builds_both_sides_with_identical_keys_and_shapes():
     with torch.device("meta"):
         pairs = [
             (GlmImageForConditionalGeneration(GlmImageConfig.from_dict(dict(cfg.ar))),
-             GlmImageAR(ARConfig.from_dict(cfg.ar))),
-            (GlmImageTransformer2DModel.from_config(cfg.dit), GlmImageDiT(DiTConfig.from_dict(cfg.dit))),
-            (AutoencoderKL.from_config(cfg.vae), GlmImageVAE(VAEConfig.from_dict(cfg.vae))),
+             [GlmImageAR(ARConfig.from_dict(cfg.ar)), VisionTokenizer(ARConfig.from_dict(cfg.ar))]),
+            (GlmImageTransformer2DModel.from_config(cfg.dit), [GlmImageDiT(DiTConfig.from_dict(cfg.dit))]),
+            (AutoencoderKL.from_config(cfg.vae), [GlmImageVAE(VAEConfig.from_dict(cfg.vae))]),
         ]
     expected_params = [10_114_245_632, 6_926_882_880, 406_100_643]  # spec §3 / §1.6
     for (ref, ours), count in zip(pairs, expected_params):
         ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-        ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-        assert ref_shapes == ours_shapes, type(ours).__name__
+        ours_shapes = {k: tuple(v.shape) for part in ours for k, v in official_state_dict(part).items()}
+        assert ref_shapes == ours_shapes, type(ours[0]).__name__
         assert sum(p.numel() for p in ref.parameters()) == count
 
     ar_ref = pairs[0][0]
@@ -205,7 +261,6 @@ def test_real_configuration_builds_both_sides_with_identical_keys_and_shapes():
     assert edit.input_ids.shape == (1, 1 + 1024 + 1 + 92 + 4 + 1) and edit.num_new_tokens == 1025
     assert edit.pixel_values.shape == (1024, 768) and edit.image_grid_thw.tolist() == [[1, 32, 32], [1, 32, 32]]
     assert workloads.ar_prompt(cfg.ar, 512, 512).num_new_tokens == 513
-    assert workloads.ar_prompt(cfg.ar, 256, 256, batch=4).input_ids.shape == (4, 101)
     from bench.parity_fullsize import ours_positions, reference_positions
 
     for p, n in ((prompt, 1280), (edit, 0)):
