@@ -11,9 +11,10 @@ Phases, in this order and in one process; the hardware ceilings (bf16 matmul rat
   reference's host-bound AR measured 3x slower.
 - ours: glm_core's public API: the process's first image (loads + compile), warm t2i 1024², the first edit in
   the warm process and later ones, the DiT per step through `denoise` (ours_runs.py);
-- ours_2048: one whole 2048² image and the DiT per step at 2048²;
+- cold: fresh `python -m glm_core` processes with empty and with warm compile caches (cold_start.py); this
+  process first lets go of everything it holds on the GPU;
 - recompiles: torch's recompile counter over a scripted run of normal use (recompiles.py);
-- cold: fresh `python -m glm_core` processes with empty and with warm compile caches (cold_start.py).
+- ours_2048: one whole 2048² image and the DiT per step at 2048².
 Every figure is measured, none extrapolated; medians where repeated. bench.json / bench.md are rewritten after
 each figure, and `--budget-s` skips what no longer fits, so a run cut short keeps what it measured.
 """
@@ -42,9 +43,9 @@ from bench.reference_runs import phase_reference  # noqa: E402
 PHASES = {
     "reference": (phase_reference, 200.0, 5.0),
     "ours": (phase_ours, 90.0, 5.0),
-    "ours_2048": (phase_ours_large, 90.0, 5.0),
-    "recompiles": (phase_recompiles, 120.0, 5.0),
     "cold": (phase_cold, 110.0, 5.0),
+    "recompiles": (phase_recompiles, 120.0, 5.0),
+    "ours_2048": (phase_ours_large, 90.0, 5.0),
 }
 
 # (label, key, unit, floor key, issue 9's target) of the table; the reference's column is empty where it has no run.
