@@ -79,7 +79,7 @@ def test_e2e_figures_are_whole_runs_of_the_expected_size(e2e):
 
 
 def test_e2e_cold_start_runs_fresh_processes_with_their_split(e2e):
-    data, out = e2e
+    data, _ = e2e
     for key in ("first_run_s_t2i_1024", "cold_cli_s_t2i_1024"):
         run = data["details"]["ours"][key]
         assert run["wall_s"] == data["ours"][key] and run["wall_s"] > run["total_s"] > 0
