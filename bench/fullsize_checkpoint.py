@@ -133,6 +133,15 @@ def write_layout(root: Path, ar_config: dict) -> None:
 # Weights
 
 
+def _quiet_progress_bars() -> None:
+    """One log line per component instead of the libraries' per-shard progress bars."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -187,6 +196,7 @@ def write_checkpoint(out: Path, *, use_tiny: bool = False, device=None, seed: in
     log(f"layout written to {out} ({configs.source}, weights on {device})", t0)
     steps = [("vision_language_encoder", save_ar, configs.ar), ("text_encoder", save_t5, t5_config),
              ("transformer", save_dit, configs.dit), ("vae", save_vae, configs.vae)]
+    _quiet_progress_bars()
     sizes = {}
     with torch.no_grad():
         for offset, (component, save, config) in enumerate(steps):
