@@ -1,18 +1,22 @@
 """Queue the shipped workflows through a real ComfyUI, API-only, and time every queue; then again with only
 `--cap-gb` of the device usable and another model (the test-only memory pack's) used between our queues.
 
-    python -m bench.comfy_queue --comfy .comfy/ComfyUI --model-folder /tmp/glm-image --out $OUT      # GPU
+    python -m bench.comfy_queue --comfy /tmp/ComfyUI --model-folder /tmp/glm-image --out $OUT        # GPU
     python -m bench.comfy_queue --comfy DIR --model-folder TINY --out DIR --cpu \\
         --cap-gb 0.05 --second-model-gb 0.03                                                         # CPU smoke
 
 Phases, each in its own fresh server (scratch folders, the pack and the memory test pack linked into a scratch
 custom_nodes through extra_model_paths.yaml, the checkpoint as models/glm_image/GLM-Image):
 - fresh: first queue of text_to_image in a new server (loading and compiling included), the same with a new AR
-  seed, the same changing only the DiT seed, image_edit, multi_subject (three references), token_reuse.
-- restart: a new server, text_to_image once (compile caches now warm from the earlier server).
+  seed, the same changing only the DiT seed, image_edit, multi_subject (three references).
 - cap: a new server with `--cap-gb` usable; the memory pack's big model (`--second-model-gb`) is loaded and used
   before each of our queues (first, new AR seed, DiT seed only, edit, multi-subject), default VRAM mode.
-- cap_static: the same with `--disable-dynamic-vram`.
+- restart: a new server, text_to_image (compile caches now warm from the earlier servers), then token_reuse.
+- cap_static: the same as cap with `--disable-dynamic-vram`.
+- cap_keep: the same as cap with `--cache-ram 4 16`. ComfyUI 0.33's default cache (RAM pressure) releases the outputs
+  of every node the running workflow does not use whenever free host RAM is below *all* host RAM, i.e. always:
+  once another workflow ran, our loader runs again and the stages are read from disk (or the page cache). With
+  `--cache-ram 4 16` those outputs stay while 16 GB of RAM are free, so our stages come back from host memory.
 How the cap is made (`--cap-mode`): "ballast" (default) - before the server starts, a helper process takes all
 but cap GB of the GPU, so ComfyUI (both its estimate-based loader and dynamic VRAM, which reads the device's
 free memory through cuMemGetInfo) sees a card with cap GB left, and any overrun is a real out-of-memory error;
@@ -25,7 +29,9 @@ nodes ask ComfyUI's `free_memory` to keep everything loaded within `--cap-gb` (s
 Each queue is timed from POST /prompt to the server's `execution_success` timestamp (the end of the last node,
 i.e. the output node's `executed` message), read back from /history. Recorded per queue: status, seconds, the
 nodes ComfyUI served from its cache, the server-log lines about loading and unloading models, ComfyUI's
-loaded-model list afterwards (memory pack's report node), the device's peak memory in use (NVML, GPU only);
+loaded-model list afterwards (the memory pack's report node, added to our prompt and run after its images: a
+report queued as a prompt of its own would itself make ComfyUI drop our cached outputs), whether our stages came
+back as the same modules (not read from disk again), the device's peak memory in use (NVML, GPU only);
 per run: OOM count, whether dynamic VRAM was on, versions. JSON + markdown are rewritten after every queue
 (comfy_queue.json / .md in --out, with each server's log); a short table is printed last. Every phase's failure
 is recorded and the next phase runs; the whole run stays within --budget-s.
@@ -38,6 +44,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,7 +67,6 @@ from tests.nodes.test_real_comfyui import Server, _free_port  # noqa: E402
 
 MEMORY_PACK = REPO_ROOT / "tests" / "nodes" / "comfy_memory_pack"
 MEMORY_PACK_FOLDER = "memory-test-pack"
-STANDINS = REPO_ROOT / "bench" / "comfy_standins"
 GB = 1e9
 STARTUP_TIMEOUT_S = 240
 # Server-log lines about model residency (ComfyUI 0.3.x and 0.33, estimate-based and dynamic VRAM).
@@ -68,9 +74,13 @@ RESIDENCY_LOG = re.compile(r"Requested to load|loaded completely|loaded partiall
                            r"Unloading|unloaded|Model loaded|DynamicVRAM|aimdo|offload|out of memory|\bOOM\b|"
                            r"OutOfMemory|memory leak", re.IGNORECASE)
 OOM_LOG = re.compile(r"Got an OOM|out of memory|OutOfMemoryError", re.IGNORECASE)
-PHASES = ("fresh", "restart", "cap", "cap_static")
+PHASES = ("fresh", "cap", "restart", "cap_static", "cap_keep")
+CAPPED = ("cap", "cap_static", "cap_keep")
 # Rough seconds each phase needs on an H200 (start-up included), to skip one that cannot finish in time.
-PHASE_MIN_S = {"fresh": 150, "restart": 45, "cap": 150, "cap_static": 150}
+PHASE_MIN_S = {"fresh": 150, "restart": 45, "cap": 150, "cap_static": 150, "cap_keep": 150}
+# cap_keep: ComfyUI's RAM cache keeps outputs of workflows not running now while 16 GB of host RAM are free
+# (its default releases them whenever free RAM < all RAM, i.e. always).
+KEEP_CACHE_ARGS = ["--cache-ram", "4", "16"]
 
 
 def log(message: str, t0: float) -> None:
@@ -112,20 +122,15 @@ def server_command(python: str, comfy: Path, scratch: Path, port: int, pack_name
             "--front-end-root", str(scratch / "web"), "--disable-api-nodes", *extra]
 
 
-def needs_av_standin(python: str) -> bool:
-    """ComfyUI 0.33 imports PyAV at start-up; the stand-in takes its place where it is not installed."""
-    return subprocess.run([python, "-c", "import av"], capture_output=True).returncode != 0
-
-
 @contextlib.contextmanager
 def comfy_server(comfy: Path, model_folder: Path, scratch: Path, *, python: str = sys.executable,
-                 extra_args: list[str] = (), av_standin: str = "auto", env: dict | None = None):
+                 extra_args: list[str] = (), env: dict | None = None):
     """Start ComfyUI API-only with our pack and the memory test pack, wait until it answers, yield a ComfyRun;
     the server is stopped on exit (its log stays in `scratch`)."""
     comfy, model_folder, scratch = Path(comfy).resolve(), Path(model_folder).resolve(), Path(scratch)
     if not (comfy / "main.py").is_file():
         raise FileNotFoundError(f"--comfy {comfy}: no main.py; pass a ComfyUI source folder (bench/comfy_gpu_bundle.sh "
-                                f"writes one to .comfy/ComfyUI)")
+                                f"writes one as .comfy/ComfyUI.tar.xz: tar -xJf it first)")
     scratch.mkdir(parents=True, exist_ok=True)
     pack = copy_pack(scratch / "custom_nodes")
     shutil.copytree(MEMORY_PACK, scratch / "custom_nodes" / MEMORY_PACK_FOLDER,
@@ -141,8 +146,6 @@ def comfy_server(comfy: Path, model_folder: Path, scratch: Path, *, python: str 
         f"    glm_image: models/glm_image\n")
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONUNBUFFERED"] = "1"
-    if av_standin == "always" or (av_standin == "auto" and needs_av_standin(python)):
-        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STANDINS), child_env.get("PYTHONPATH")]))
     port = _free_port()
     log_path = scratch / "comfyui.log"
     with open(log_path, "wb") as log_file:
@@ -208,8 +211,21 @@ def free_memory_prompt(incoming_gb: float, budget_gb: float) -> dict:
     return {"1": {"class_type": "MemoryTestFreeMemory", "inputs": {"incoming_gb": incoming_gb, "budget_gb": budget_gb}}}
 
 
-def report_prompt(reset_peak: bool = True) -> dict:
-    return {"1": {"class_type": "MemoryTestReport", "inputs": {"reset_peak": reset_peak}}}
+REPORT_NODE = "memtest_report"
+
+
+def with_report(prompt: dict, reset_peak: bool = True) -> dict:
+    """The prompt plus the memory pack's report node, run after every image the workflow decodes. Inside the same
+    prompt: a separate prompt in between would make ComfyUI 0.33's default cache drop our outputs (see the module
+    docstring)."""
+    decodes = [node_id for node_id, node in prompt.items() if node["class_type"] == "GLMImageDiTDecode"]
+    inputs = {"reset_peak": reset_peak, **{f"after_{i + 1}": [node_id, 0] for i, node_id in enumerate(decodes[:4])}}
+    return {**prompt, REPORT_NODE: {"class_type": "MemoryTestReport", "inputs": inputs}}
+
+
+def report_of(result: "QueueResult", node_id: str = REPORT_NODE) -> dict | None:
+    report = result.outputs.get(node_id, {}).get("memory_report")
+    return report[0] if report else None
 
 
 @dataclass
@@ -262,13 +278,6 @@ def queue_and_wait(run: ComfyRun, prompt: dict, name: str, timeout_s: float) -> 
         error = messages["execution_error"]
         result.error = f"{error.get('node_type')}: {error.get('exception_type')}: {error.get('exception_message')}"
     return result
-
-
-def memory_report(run: ComfyRun, timeout_s: float = 60) -> dict | None:
-    done = queue_and_wait(run, report_prompt(), "report", timeout_s)
-    if done.status != "success":
-        return {"error": f"{done.status}: {done.error}"}
-    return done.outputs["1"]["memory_report"][0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,14 +401,16 @@ class Bench:
             log(f"phase {name}: skipped ({self.remaining():.0f}s left)", self.t0)
             self.write()
             return
-        capped = name in ("cap", "cap_static")
+        capped = name in CAPPED
         entry = self.data["phases"][name] = {"status": "running", "server_args": [], "queues": []}
         log(f"phase {name}: start", self.t0)
         try:
             with contextlib.ExitStack() as stack:
-                extra = ["--cpu"] if args.cpu else []
+                extra = (["--cpu"] if args.cpu else []) + shlex.split(args.server_args)
                 if name == "cap_static":
                     extra.append("--disable-dynamic-vram")
+                if name == "cap_keep":
+                    extra += KEEP_CACHE_ARGS
                 if capped and not args.cpu:
                     if args.cap_mode == "ballast":
                         entry["ballast"] = stack.enter_context(gpu_ballast(args.cap_gb, args.python))
@@ -411,8 +422,7 @@ class Bench:
                 entry["gpu_used_gb_before_server"] = round(used[0] * 2**20 / GB, 2) if used else None
                 scratch = self.work / name
                 run = stack.enter_context(comfy_server(Path(args.comfy), Path(args.model_folder), scratch,
-                                                       python=args.python, extra_args=extra,
-                                                       av_standin=args.av_standin))
+                                                       python=args.python, extra_args=extra))
                 entry["startup_log"] = [line for line in run.new_log_lines() if RESIDENCY_LOG.search(line)
                                         or "version" in line.lower() or "IMPORT FAILED" in line]
                 entry["dynamic_vram_log"] = any("DynamicVRAM support detected and enabled" in line
@@ -442,11 +452,9 @@ class Bench:
                 ("edit", lambda: workflow_prompt(run, "image_edit.json", cpu=args.cpu, size=size, steps=steps)),
                 ("multi_subject", lambda: workflow_prompt(run, "multi_subject.json", cpu=args.cpu, size=size,
                                                           steps=steps))]
-        if phase == "restart":
-            plan = plan[:1]
-        elif phase == "fresh":
-            plan.append(("token_reuse", lambda: workflow_prompt(run, "token_reuse.json", cpu=args.cpu, size=size,
-                                                                steps=steps)))
+        if phase == "restart":  # the fourth shipped workflow goes here, to leave the cap phase its time
+            plan = plan[:1] + [("token_reuse", lambda: workflow_prompt(run, "token_reuse.json", cpu=args.cpu,
+                                                                       size=size, steps=steps))]
         emulate = args.cap_gb if args.cpu and capped else 0.0
         previous_ids: dict | None = None
         for index, (name, prompt) in enumerate(plan):
@@ -457,16 +465,16 @@ class Bench:
                 theirs = queue_and_wait(run, big_model_prompt(args.second_model_gb, args.second_model_width, index,
                                                               emulate), f"second_model_before_{name}",
                                         self.remaining())
-                self.record(entry, theirs, run, kind="second_model")
+                self.record(entry, theirs, kind="second_model")
                 if emulate:  # the request our load makes on a GPU, which ComfyUI skips for a CPU device
                     self.record(entry, queue_and_wait(run, free_memory_prompt(args.our_model_gb, emulate),
-                                                      f"make_room_before_{name}", 60), run, kind="make_room")
+                                                      f"make_room_before_{name}", 60), kind="make_room")
             if self.sampler:
                 self.sampler.reset()
-            ours = queue_and_wait(run, prompt() if callable(prompt) else prompt, name, self.remaining())
+            ours = queue_and_wait(run, with_report(prompt() if callable(prompt) else prompt), name, self.remaining())
             if self.sampler:
                 ours.peak_gpu_used_gb = self.sampler.peak_gb()
-            record = self.record(entry, ours, run)
+            record = self.record(entry, ours)
             ids = {m["model"]: m["module_id"] for m in (record.get("after") or {}).get("loaded_models", [])
                    if m["model"].startswith("GlmImage")}
             if previous_ids is not None and capped:
@@ -475,7 +483,7 @@ class Bench:
             previous_ids = ids or previous_ids
             log(f"  {phase}/{name}: {ours.status} in {ours.queue_s} s", self.t0)
 
-    def record(self, entry: dict, result: QueueResult, run: ComfyRun, kind: str = "ours") -> dict:
+    def record(self, entry: dict, result: QueueResult, kind: str = "ours") -> dict:
         """kind: "ours" (a GLM-Image workflow), "second_model" (the memory pack's model used) or "make_room"
         (the CPU's emulated load request)."""
         ooms = sum(bool(OOM_LOG.search(line)) for line in result.log) + bool(result.error and OOM_LOG.search(result.error))
@@ -486,11 +494,7 @@ class Bench:
                   "peak_gpu_used_gb": result.peak_gpu_used_gb, "kind": kind}
         if result.peak_gpu_used_gb is not None and entry.get("gpu_used_gb_before_server") is not None:
             record["peak_gpu_server_gb"] = round(result.peak_gpu_used_gb - entry["gpu_used_gb_before_server"], 2)
-        if kind == "ours" and run.server.process.poll() is None:
-            record["after"] = memory_report(run)
-        elif kind != "ours":
-            report = result.outputs.get("2", result.outputs.get("1", {})).get("memory_report")
-            record["after"] = report[0] if report else None
+        record["after"] = report_of(result, {"ours": REPORT_NODE, "second_model": "2", "make_room": "1"}[kind])
         entry["queues"].append(record)
         self.write()
         return record
@@ -575,8 +579,9 @@ def summary(data: dict) -> dict:
            f"queue_s_edit_{cap}": _seconds(data, "cap", "edit"),
            f"queue_s_new_ar_seed_{cap}_static": _seconds(data, "cap_static", "new_ar_seed"),
            f"queue_s_edit_{cap}_static": _seconds(data, "cap_static", "edit"),
+           f"queue_s_new_ar_seed_{cap}_keep": _seconds(data, "cap_keep", "new_ar_seed"),
            "ooms": data["ooms"]}
-    for phase in ("cap", "cap_static"):
+    for phase in CAPPED:
         if data["phases"].get(phase, {}).get("queues"):
             out[f"eviction_{phase}"] = eviction_summary(data["phases"][phase])
     dynamic = {name: phase.get("dynamic_vram_log") for name, phase in data["phases"].items() if "dynamic_vram_log" in phase}
@@ -629,7 +634,8 @@ def render_markdown(data: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--comfy", required=True, help="ComfyUI source folder (bench/comfy_gpu_bundle.sh: .comfy/ComfyUI)")
+    p.add_argument("--comfy", required=True, help="ComfyUI source folder (bench/comfy_gpu_bundle.sh's "
+                                                  ".comfy/ComfyUI.tar.xz, unpacked)")
     p.add_argument("--model-folder", required=True, help="GLM-Image folder (bench/fullsize_checkpoint.py)")
     p.add_argument("--out", default=os.environ.get("OUT") or "comfy-queue-out")
     p.add_argument("--cpu", action="store_true", help="ComfyUI --cpu, workflows at --size² / --steps steps, fp32")
@@ -644,8 +650,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="CPU only: DiT steps")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
     p.add_argument("--python", default=sys.executable, help="the interpreter ComfyUI runs with")
-    p.add_argument("--av-standin", choices=("auto", "always", "never"), default="auto",
-                   help="put bench/comfy_standins (PyAV stand-in) on the server's path: when PyAV is missing")
+    p.add_argument("--server-args", default="",
+                   help="more ComfyUI flags for every phase, e.g. \"--cache-ram 4 16\" (see the module docstring)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     args = p.parse_args(argv)
     args.phases = [name.strip() for name in args.phases.split(",") if name.strip()]

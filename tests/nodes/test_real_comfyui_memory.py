@@ -8,13 +8,16 @@ workflow, the room our stages need is requested against that budget, since Comfy
 free memory for a CPU device, nor on a large GPU for small models). Checked
 through the memory pack's report of ComfyUI's loaded-model list: loading their model evicts our stages, our next
 load evicts theirs, every queue completes, and our stages come back as the same modules (not read from disk
-again) through ComfyUI's `load_models_gpu` ("Requested to load ..." in the server log).
+again) through ComfyUI's `load_models_gpu` ("Requested to load ..." in the server log). The server keeps the outputs
+of workflows that are not running (`--cache-lru 100`): with ComfyUI 0.33's default cache the other workflow's run
+would drop our loader's output, and our stages would come back only by being read from disk again.
 
     COMFYUI_PATH=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/its/python] [COMFYUI_DEVICE=cuda] \
         pytest tests/nodes/test_real_comfyui_memory.py
 
-COMFYUI_DEVICE=cuda runs the server on its GPU (default: `--cpu`). A checkout made by bench/comfy_gpu_bundle.sh
-(no frontend package, no PyAV) works too: the server gets an empty web root and bench/comfy_standins.
+COMFYUI_DEVICE=cuda runs the server on its GPU (default: `--cpu`). The server is started by bench/comfy_queue.py's
+`comfy_server` (API-only: an empty web root, so a ComfyUI without its frontend package, as bench/comfy_gpu_bundle.sh
+unpacks it, works too).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ import sys
 
 import pytest
 
-from bench.comfy_queue import (big_model_prompt, comfy_server, free_memory_prompt, memory_report, node_of,
-                               queue_and_wait, workflow_prompt)
+from bench.comfy_queue import (big_model_prompt, comfy_server, free_memory_prompt, node_of, queue_and_wait,
+                               report_of, with_report, workflow_prompt)
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 ON_GPU = os.environ.get("COMFYUI_DEVICE", "cpu") == "cuda"
@@ -34,13 +37,17 @@ THEIRS_GB = 0.02  # the memory pack's model: 20 MB of bf16 weights
 # One MB more than their model: any of our stages (fp32 tiny: 0.2 to 19 MB) loaded beside it is over budget.
 BUDGET_GB = THEIRS_GB + 0.001
 TIMEOUT_S = 600
+# Keep outputs of workflows that are not running (ComfyUI 0.33's default RAM cache drops them as soon as another
+# workflow runs, so our loader would run again and the stages be read from disk: bench/comfy_queue.py's docstring).
+# --cache-lru exists in 0.3.x and 0.33 alike.
+KEEP_OUTPUTS = ["--cache-lru", "100"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_checkpoint):
     scratch = tmp_path_factory.mktemp("real-comfyui-memory")
     with comfy_server(COMFYUI_PATH, tiny_checkpoint, scratch, python=os.environ.get("COMFYUI_PYTHON", sys.executable),
-                      extra_args=[] if ON_GPU else ["--cpu"]) as running:
+                      extra_args=KEEP_OUTPUTS + ([] if ON_GPU else ["--cpu"])) as running:
         yield running
 
 
@@ -65,8 +72,7 @@ def test_comfyui_evicts_our_stages_and_theirs_and_ours_come_back(run):
     prompt = workflow_prompt(run, "text_to_image.json", cpu=not ON_GPU, size=512, steps=2)
     dit = node_of(prompt, "GLMImageDiTDecode")
 
-    succeeded(queue_and_wait(run, prompt, "ours", TIMEOUT_S))
-    before = memory_report(run)
+    before = report_of(succeeded(queue_and_wait(run, with_report(prompt), "ours", TIMEOUT_S)))
     ours_before = ours(before)
     assert {"GlmImageGlyphStage", "GlmImageDiTStage", "GlmImageVAEStage"} <= set(ours_before), before
     dit_stages = {k: v for k, v in ours_before.items() if k != "GlmImageARStage"}
@@ -87,8 +93,8 @@ def test_comfyui_evicts_our_stages_and_theirs_and_ours_come_back(run):
     room = succeeded(queue_and_wait(run, free_memory_prompt(our_bytes / 1e9, BUDGET_GB), "make room", 60))
     assert loaded(theirs(room.outputs["1"]["memory_report"][0])) < their_model["loaded_bytes"]
     prompt[dit]["inputs"]["seed"] += 1  # only the DiT stages run again
-    back = succeeded(queue_and_wait(run, prompt, "ours again", TIMEOUT_S))
-    after_ours = memory_report(run)
+    back = succeeded(queue_and_wait(run, with_report(prompt), "ours again", TIMEOUT_S))
+    after_ours = report_of(back)
     assert loaded(theirs(after_ours)) < their_model["loaded_bytes"], after_ours
     for name in dit_stages:
         assert any(f"Requested to load {name}" in line for line in back.log), (name, back.log)

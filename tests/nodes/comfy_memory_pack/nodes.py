@@ -176,7 +176,10 @@ class MemoryTestFreeMemory:
 
 
 class MemoryTestReport:
-    DESCRIPTION = "Test only: what ComfyUI's model management holds now, and the device's memory figures."
+    DESCRIPTION = ("Test only: what ComfyUI's model management holds now, and the device's memory figures. Link "
+                   "the `after_*` inputs to the images of the workflow it is added to, so it runs last (as a node of "
+                   "that workflow it does not make ComfyUI's cache drop the workflow's outputs, as a separate "
+                   "prompt would).")
     CATEGORY = "testing/memory"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -184,13 +187,14 @@ class MemoryTestReport:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"reset_peak": ("BOOLEAN", {"default": False})}}
+        return {"required": {"reset_peak": ("BOOLEAN", {"default": False})},
+                "optional": {f"after_{i}": ("IMAGE",) for i in range(1, 5)}}
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
         return float("nan")
 
-    def report(self, reset_peak: bool):
+    def report(self, reset_peak: bool, **after):
         return {"ui": {"memory_report": [memory_report(reset_peak)]}}
 
 
