@@ -123,3 +123,38 @@ def test_real_t5_config_has_the_spec_size():
         model = T5EncoderModel(config)
     assert sum(p.numel() for p in model.parameters()) == 217_657_472  # spec §1.4
     assert model.config.d_model == models.real_configs().dit["text_embed_dim"]
+
+
+def test_real_size_configs_as_saved_give_the_reference_tensors_and_the_spec_sizes(tmp_path):
+    """The real-size config.json files, written the way the GPU run writes them (save_pretrained / save_config),
+    build glm_core modules whose tensor names and shapes are the reference's, with spec §3's parameter counts
+    (checked on the meta device: no weights needed)."""
+    from diffusers import AutoencoderKL, GlmImageTransformer2DModel
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration, T5Config
+
+    from glm_core.ar.config import ARConfig
+    from glm_core.ar.model import GlmImageAR
+    from glm_core.dit.config import DiTConfig
+    from glm_core.dit.model import GlmImageDiT
+    from glm_core.vae import GlmImageVAE, VAEConfig
+
+    configs = models.real_configs()
+    with torch.device("meta"):
+        reference = {"ar": GlmImageForConditionalGeneration(GlmImageConfig.from_dict(configs.ar)),
+                     "dit": GlmImageTransformer2DModel.from_config(configs.dit),
+                     "vae": AutoencoderKL.from_config(configs.vae)}
+    reference["ar"].config.save_pretrained(tmp_path / "ar")
+    reference["dit"].save_config(tmp_path / "dit")
+    reference["vae"].save_config(tmp_path / "vae")
+    T5Config(**{k: v for k, v in fullsize_checkpoint.REAL_T5_CONFIG.items() if k != "architectures"}) \
+        .save_pretrained(tmp_path / "t5")
+    with torch.device("meta"):
+        ours = {"ar": GlmImageAR(ARConfig.from_folder(tmp_path / "ar")),
+                "dit": GlmImageDiT(DiTConfig.from_dict(json.loads((tmp_path / "dit" / "config.json").read_text()))),
+                "vae": GlmImageVAE(VAEConfig.from_dict(json.loads((tmp_path / "vae" / "config.json").read_text())))}
+    for name in ours:
+        theirs_shapes = {k: tuple(v.shape) for k, v in reference[name].state_dict().items()}
+        ours_shapes = {k: tuple(v.shape) for k, v in ours[name].state_dict().items()}
+        assert ours_shapes == theirs_shapes, name
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in ours.items()}
+    assert counts == {"ar": 10_114_245_632, "dit": 6_926_882_880, "vae": 406_100_643}  # spec §3
