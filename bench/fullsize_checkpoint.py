@@ -52,6 +52,8 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 # The tiny folder is sharded too (AR ~10 MB in ~10 shards, DiT in 2), so it has the real folder's shape.
 TINY_MAX_SHARD_SIZE = "1MB"
 REAL_SIZE_DISK_BYTES = 40e9  # ~36 GB of weights, and room to spare
+# Written last: a folder holding it is complete (`--reuse` then leaves it as it is).
+COMPLETE_MARKER = "RANDOM_WEIGHTS.json"
 
 
 def log(message: str, t0: float) -> None:
@@ -205,6 +207,9 @@ def write_checkpoint(out: Path, *, use_tiny: bool = False, device=None, seed: in
             sizes[component] = sum(p.stat().st_size for p in (out / component).iterdir())
             log(f"{component}: {sizes[component] / 1e9:.2f} GB", t0)
     sizes["seconds"] = round(time.monotonic() - t0, 1)
+    (out / COMPLETE_MARKER).write_text(json.dumps(
+        {"what": "GLM-Image folder with RANDOM weights (bench/fullsize_checkpoint.py)", "configuration": configs.source,
+         "seed": seed, "bytes": {k: v for k, v in sizes.items() if k != "seconds"}}, indent=2) + "\n")
     return sizes
 
 
@@ -216,10 +221,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="where the weights are built (default: cuda if available, "
                                                   "cpu with --tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true",
+                   help="leave a complete folder written earlier as it is (a warm device machine keeps /tmp)")
     p.add_argument("--max-shard-size", default=None,
                    help=f"default {DEFAULT_MAX_SHARD_SIZE} ({TINY_MAX_SHARD_SIZE} with --tiny)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
+    if args.reuse and (Path(args.out) / COMPLETE_MARKER).is_file():
+        log(f"reusing the complete folder {args.out} ({COMPLETE_MARKER} is there)", t0)
+        return 0
     if not args.tiny:
         existing = Path(args.out).resolve()
         while not existing.exists():

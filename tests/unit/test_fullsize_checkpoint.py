@@ -110,9 +110,13 @@ def test_a_tokenizer_that_does_not_fit_the_config_is_refused():
         fullsize_checkpoint.check_tokenizer_fits(tokenizer_json, small)
 
 
-def test_an_existing_checkpoint_is_not_overwritten(written):
+def test_an_existing_checkpoint_is_not_overwritten_but_can_be_reused(written, capsys):
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         fullsize_checkpoint.write_checkpoint(written, use_tiny=True)
+    marker = json.loads((written / fullsize_checkpoint.COMPLETE_MARKER).read_text())
+    assert marker["seed"] == 3 and marker["bytes"]["transformer"] > 0
+    assert fullsize_checkpoint.main(["--out", str(written), "--tiny", "--reuse"]) == 0
+    assert "reusing the complete folder" in capsys.readouterr().out
 
 
 def test_real_t5_config_has_the_spec_size():
