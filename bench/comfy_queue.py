@@ -73,6 +73,7 @@ STARTUP_TIMEOUT_S = 240
 RESIDENCY_LOG = re.compile(r"Requested to load|loaded completely|loaded partially|Unloaded partially|models unloaded|"
                            r"Unloading|unloaded|Model loaded|DynamicVRAM|aimdo|offload|out of memory|\bOOM\b|"
                            r"OutOfMemory|memory leak", re.IGNORECASE)
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # ComfyUI colours its log even into a file
 OOM_LOG = re.compile(r"Got an OOM|out of memory|OutOfMemoryError", re.IGNORECASE)
 PHASES = ("fresh", "cap", "restart", "cap_static", "cap_keep")
 CAPPED = ("cap", "cap_static", "cap_keep")
@@ -108,7 +109,7 @@ class ComfyRun:
             f.seek(self.log_offset)
             data = f.read()
         self.log_offset += len(data)
-        return data.decode(errors="replace").splitlines()
+        return ANSI_COLOUR.sub("", data.decode(errors="replace")).splitlines()
 
 
 def server_command(python: str, comfy: Path, scratch: Path, port: int, pack_name: str, extra: list[str]) -> list[str]:
