@@ -3,7 +3,7 @@
 
     python -m bench.comfy_queue --comfy /tmp/ComfyUI --model-folder /tmp/glm-image --out $OUT        # GPU
     python -m bench.comfy_queue --comfy DIR --model-folder TINY --out DIR --cpu \\
-        --cap-gb 0.05 --second-model-gb 0.03                                                         # CPU smoke
+        --cap-gb 0.032 --second-model-gb 0.03                                                        # CPU smoke
 
 Phases, each in its own fresh server (scratch folders, the pack and the memory test pack linked into a scratch
 custom_nodes through extra_model_paths.yaml, the checkpoint as models/glm_image/GLM-Image):
@@ -32,7 +32,7 @@ nodes ComfyUI served from its cache, the server-log lines about loading and unlo
 loaded-model list afterwards (the memory pack's report node, added to our prompt and run after its images: a
 report queued as a prompt of its own would itself make ComfyUI drop our cached outputs), whether our stages came
 back as the same modules (not read from disk again), the device's peak memory in use (NVML, GPU only);
-per run: OOM count, whether dynamic VRAM was on, versions. JSON + markdown are rewritten after every queue
+per run: OOM count, whether dynamic VRAM was on, the start-up log's version lines. JSON + markdown are rewritten after every queue
 (comfy_queue.json / .md in --out, with each server's log); a short table is printed last. Every phase's failure
 is recorded and the next phase runs; the whole run stays within --budget-s.
 """
