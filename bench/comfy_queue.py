@@ -32,9 +32,9 @@ nodes ComfyUI served from its cache, the server-log lines about loading and unlo
 loaded-model list afterwards (the memory pack's report node, added to our prompt and run after its images: a
 report queued as a prompt of its own would itself make ComfyUI drop our cached outputs), whether our stages came
 back as the same modules (not read from disk again), the device's peak memory in use (NVML, GPU only);
-per run: OOM count, whether dynamic VRAM was on, the start-up log's version lines. JSON + markdown are rewritten after every queue
-(comfy_queue.json / .md in --out, with each server's log); a short table is printed last. Every phase's failure
-is recorded and the next phase runs; the whole run stays within --budget-s.
+per run: OOM count, whether dynamic VRAM was on, the start-up log's version lines. JSON + markdown are rewritten
+after every queue (comfy_queue.json / .md in --out, with each server's log); a short table is printed last. Every
+phase's failure is recorded and the next phase runs; the whole run stays within --budget-s.
 """
 from __future__ import annotations
 
