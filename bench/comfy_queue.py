@@ -61,7 +61,7 @@ if __package__ in (None, ""):  # `python bench/comfy_queue.py`
     __package__ = "bench"
 
 from tests.harness import copy_pack, ui_to_api, validate_prompt  # noqa: E402
-from tests.nodes.conftest import write_reference_images  # noqa: E402
+from tests.nodes.comfy_files import write_reference_images  # noqa: E402
 from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, REPO_ROOT, WORKFLOWS_DIR  # noqa: E402
 from tests.nodes.test_real_comfyui import Server, _free_port  # noqa: E402
 
