@@ -316,7 +316,6 @@ def phase_accuracy(run: Run) -> None:
     logits = {}
     for name, model in (("bf16", bf16), ("fp8", fp8)):
         logits[name] = cached_forced_logits(model.stage("ar"), inputs, forced)[0, :n].float()
-        model.release("ar")
     top2 = logits["bf16"].topk(2, dim=-1).values
     margin = top2[:, 0] - top2[:, 1]
     agree = logits["bf16"].argmax(-1) == logits["fp8"].argmax(-1)
@@ -337,7 +336,6 @@ def phase_accuracy(run: Run) -> None:
                             generator=torch.Generator().manual_seed(9))
         velocities[name] = predict_velocity(model.stage("dit"), noise.to(model.device, model.dtype), dit_cond,
                                             torch.tensor([965.0], device=model.device), 1.5).float().cpu()
-        model.release("dit"), model.release("glyph"), model.release("vae")
     rel = ((velocities["fp8"] - velocities["bf16"]).norm() / velocities["bf16"].norm()).item()
     run.record(phase, "dit_velocity_rel_err", round(rel, 5))
     # Whole decode with the same tokens and noise.
@@ -386,7 +384,8 @@ def phase_errors(run: Run) -> None:
     bad = pipeline.PriorTokens(tokens.grid_ids.clone().fill_(10 ** 6), tokens.height, tokens.width)
     check("refused_request", lambda: pipeline.decode(model, cond, bad, seed=8, steps=4))
     if run.device.type == "cuda":
-        # An out-of-memory run: the DiT stage on the GPU, then a cap just above what it holds.
+        # An out-of-memory run: the DiT stage on the GPU, nothing allowed to leave, a cap just above what is held.
+        model.placement = "gpu"
         model.prepare(["glyph", "dit", "vae"])
         held = allocated(run.device)
         set_cap(run, held / GB + 1.0)
@@ -394,6 +393,7 @@ def phase_errors(run: Run) -> None:
         big_tokens = pipeline.PriorTokens(torch.zeros(1, 64, 64, dtype=torch.long), 2048, 2048)
         check("out_of_memory", lambda: pipeline.decode(model, big, big_tokens, seed=8, steps=2))
         set_cap(run, None)
+        model.placement = "auto"
     again = pipeline.decode(model, cond, tokens, seed=8, steps=4)
     run.record(phase, "next_call_same_image", bool(torch.equal(again, reference)))
 
