@@ -54,7 +54,7 @@ class Interrupted(Exception):
 class Run:
     def __init__(self, args):
         self.args = args
-        self.device = torch.device("cpu" if args.tiny else "cuda")
+        self.device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
         self.t0 = time.monotonic()
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)

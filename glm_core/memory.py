@@ -37,6 +37,8 @@ def free_bytes(device) -> int:
     if info is None:
         return 1 << 62
     device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     reserved = torch.cuda.memory_reserved(device)
     free = info[0]
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
