@@ -144,7 +144,3 @@ def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND) -> Compile
         wrapper = _WRAPPERS[key] = CompiledOrEager(fn, name, backend=backend, dynamic=True)
     return wrapper
 
-
-def fallbacks() -> dict[str, str]:
-    """{name: reason} of every compiled function that fell back to eager in this process (for tests and logs)."""
-    return {w.name: w.fallback_reason for w in _WRAPPERS.values() if w.fallback_reason is not None}

@@ -31,12 +31,20 @@ def gpu_memory(device) -> tuple[int, int] | None:
 
 
 def free_bytes(device) -> int:
-    """Bytes a new allocation on `device` can still get: the driver's free memory plus the blocks PyTorch's
-    caching allocator holds unused."""
+    """Bytes a new allocation on `device` can still get: the driver's free memory (or what a per-process memory
+    fraction still allows, if that is less) plus the blocks PyTorch's caching allocator holds unused."""
     info = gpu_memory(device)
     if info is None:
         return 1 << 62
-    return info[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    reserved = torch.cuda.memory_reserved(device)
+    free = info[0]
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        free = min(free, int(fraction(device) * info[1]) - reserved)
+    return max(free, 0) + reserved - torch.cuda.memory_allocated(device)
 
 
 def out_of_memory_error(what: str, device, cause: BaseException | None = None,

@@ -75,6 +75,9 @@ class GlmImage:
         self.weights = weights
         self.checkpoint = checkpoint
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" and "cuda:0" compare unequal: name the index, so that "is this stage on our device" holds
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.placement = placement
         # torch.compile of the AR decode layer and the DiT blocks: None = on for CUDA unless

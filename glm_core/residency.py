@@ -119,9 +119,6 @@ class StageWeights:
         flat.copy_(self._host, non_blocking=self.pin)
         self._rebind(flat)
 
-    def drop_host_copy(self) -> None:
-        self._host = None
-
 
 def host_copy_plan(nbytes: int) -> str | None:
     """How a stage of `nbytes` leaves the GPU: "pinned" (page-locked host copy: fast asynchronous copies),

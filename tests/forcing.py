@@ -30,16 +30,19 @@ def teacher_forced_logits(model: GlmImageAR, input_ids: torch.Tensor, positions:
 
 @torch.no_grad()
 def cached_forced_logits(model: GlmImageAR, ar_inputs, forced_tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher forcing through the generation path: forced_tokens (B, N - 1) are generated tokens 0 .. N-2.
-    Returns logits (B, N, V): row 0 from the prefill, row k + 1 from the step that fed token k. The decode
-    layer runs as `model.compile_backend` says (None: eagerly)."""
+    """Teacher forcing through the generation path: forced_tokens (B, M) are generated tokens 0 .. M-1 (M at most
+    N - 1 for a generation of N tokens). Returns logits (B, M + 1, V): row 0 from the prefill, row k + 1 from the
+    step that fed token k. The decode layer runs as `model.compile_backend` says (None: eagerly)."""
     plan = prepare_prompt(model, ar_inputs)
     batch, total = plan.input_ids.shape[0], plan.num_new_tokens
     cache = setup_caches(model, batch, plan.input_ids.shape[1] + total)
     loop = DecodeLoop(model, plan, cache, generators=None, sampling_settings=None, mask_grid=False)
-    loop.tokens[:, : total - 1] = forced_tokens.to(loop.tokens.device)
+    steps = forced_tokens.shape[1]
+    if steps > total - 1:
+        raise ValueError(f"{steps} forced tokens, but this prompt generates {total} (at most {total - 1} can be fed)")
+    loop.tokens[:, :steps] = forced_tokens.to(loop.tokens.device)
     rows = [prefill(model, plan, cache)]
-    for _ in range(total - 1):
+    for _ in range(steps):
         rows.append(loop.forward())
         loop.step_index.add_(1)
     return torch.stack(rows, dim=1)
