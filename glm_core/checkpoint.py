@@ -49,6 +49,11 @@ class CheckpointError(ValueError):
     The message names the file, the key (where there is one) and what was expected.
     """
 
+    # ComfyUI shows an error's type as `__module__ + "." + __qualname__`, and inside ComfyUI our modules are
+    # named after the pack's absolute path: users would read "/home/.../custom_nodes/<folder>.glm_core.checkpoint
+    # .CheckpointError". The public name is short and the same everywhere.
+    __module__ = "glm_core"
+
 
 # --------------------------------------------------------------------------------------------
 # Folder
