@@ -465,6 +465,8 @@ def generate(model: GlmImage, prompt: str, width: int, height: int, references: 
     """Prompt (+ references) to images (B, H, W, 3) float32 in [0, 1]."""
     check_decode_settings(steps, guidance)
     sampling_settings(model, temperature, top_p, top_k)
+    # Every file of every stage this call runs, before the AR spends minutes on tokens the DiT cannot decode.
+    model.check(["ar", "glyph", "dit", "vae"] + (["vision"] if len(references) else []))
     cond = encode_prompt(model, prompt, width, height, references)
     tokens = generate_tokens(model, cond, seed=ar_seed, temperature=temperature, top_p=top_p, top_k=top_k,
                              batch_size=batch_size, progress=ar_progress, interrupt=interrupt)
