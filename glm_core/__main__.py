@@ -85,11 +85,10 @@ class UsageError(ValueError):
     """A bad command line, found before anything was loaded."""
 
 
-def writable_file(option: str, path: Path) -> None:
+def writable_file(option: str, path: Path, example: str) -> None:
     """UsageError unless `path` can be created or replaced as a file (checked before a run that ends by writing it)."""
     if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name such as {path / 'image.png'}"
-                         if option == "--out" else f"{option} {path} is a folder; give a file name")
+        raise UsageError(f"{option} {path} is a folder; give a file name such as {path / example}")
     parent = path.parent if str(path.parent) else Path(".")
     existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
     if not existing.is_dir() or not os.access(existing, os.W_OK):
@@ -97,7 +96,7 @@ def writable_file(option: str, path: Path) -> None:
 
 
 def output_paths(out: Path, batch: int) -> list[Path]:
-    writable_file("--out", out)
+    writable_file("--out", out, "image.png")
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UsageError(f"--out {out}: unknown image extension {out.suffix or '(none)'}; use one of "
                          f"{', '.join(sorted(IMAGE_SUFFIXES))}")
@@ -142,7 +141,7 @@ def check_args(args, width: int, height: int, steps: int) -> list:
               lambda: check_sampling(*sampling),
               lambda: output_paths(args.out, max(args.batch, 1))]
     if args.save_tokens is not None:
-        checks.append(lambda: writable_file("--save-tokens", args.save_tokens))
+        checks.append(lambda: writable_file("--save-tokens", args.save_tokens, "tokens.safetensors"))
     checks += [lambda path=path: references.append(read_reference(path)) for path in args.ref]
     for check in checks:
         try:
