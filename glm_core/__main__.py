@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("glm_image.png"), help="output image (.png, .jpg, .webp, ...); "
                    "a batch writes name_0.png, name_1.png, ...")
     p.add_argument("--timings", type=Path, help="also write how long each part of the run took (JSON: seconds per "
-                   "part, per stage load, and torch.compile's own total)")
+                   "part, per stage load, and torch.compile's own total) (default: not written)")
     return p.parse_args(argv)
 
 

@@ -18,6 +18,7 @@ from bench import fullsize_checkpoint, models
 from glm_core import tiny
 from glm_core.pipeline import GlmImage
 from glm_core.processor import PromptProcessor
+from tests.inputs import our_processor_inputs
 from tests.reference import reference_ar_inputs, reference_pipeline, reference_processor
 
 
@@ -61,15 +62,19 @@ def test_generation_config_is_the_official_one(written):
 
 
 def test_the_reference_pipeline_and_glm_core_load_the_same_weights(written):
+    from glm_core.checkpoint import official_state_dict
+
     pipe = reference_pipeline(written)
     model = GlmImage.from_folder(written, device="cpu", dtype=torch.float32)
-    pairs = {"ar": pipe.vision_language_encoder, "glyph": pipe.text_encoder, "dit": pipe.transformer,
-             "vae": pipe.vae}
-    for stage, reference in pairs.items():
+    pairs = {("ar", "vision"): pipe.vision_language_encoder, ("glyph",): pipe.text_encoder, ("dit",): pipe.transformer,
+             ("vae",): pipe.vae}
+    for stages, reference in pairs.items():
+        stage = "+".join(stages)
         theirs = reference.state_dict()
-        # our glyph encoder holds the T5 under `text_encoder.`; every other stage uses the file's names
-        ours = {k.removeprefix("text_encoder.") if stage == "glyph" else k: v
-                for k, v in model.stage(stage).state_dict().items()}
+        # our glyph encoder holds the T5 under `text_encoder.`; the AR and vision stages share the AR's files, under
+        # the file's names once q/k/v are split back (official_state_dict)
+        ours = {k.removeprefix("text_encoder."): v for name in stages
+                for k, v in official_state_dict(model.stage(name)).items()}
         assert set(ours) <= set(theirs), (stage, sorted(set(ours) - set(theirs))[:5])
         assert len(ours) >= 0.9 * len(theirs), (stage, sorted(set(theirs) - set(ours))[:5])
         for key, tensor in ours.items():
@@ -87,7 +92,7 @@ def test_real_configuration_tokenizer_gives_the_real_marker_ids(tmp_path):
     reference = reference_processor(tmp_path)
     image = Image.new("RGB", (512, 512), (30, 90, 160))
     expected = reference_ar_inputs(reference, "a red 'sign'", 1024, 1024, images=[image])
-    got = ours.build_inputs(["a red 'sign'"], 1024, 1024, [[image]])
+    got = our_processor_inputs(ours, ["a red 'sign'"], 1024, 1024, [[image]])
     assert torch.equal(got.input_ids, expected["input_ids"])
     ids = got.input_ids[0].tolist()
     assert ids.count(167855) == 16 * 16  # one placeholder per patch of the 512² reference at /32 (spec §1.3)
@@ -138,6 +143,8 @@ def test_real_size_configs_as_saved_give_the_reference_tensors_and_the_spec_size
 
     from glm_core.ar.config import ARConfig
     from glm_core.ar.model import GlmImageAR
+    from glm_core.ar.vision import VisionTokenizer
+    from glm_core.checkpoint import official_state_dict
     from glm_core.dit.config import DiTConfig
     from glm_core.dit.model import GlmImageDiT
     from glm_core.vae import GlmImageVAE, VAEConfig
@@ -153,12 +160,13 @@ def test_real_size_configs_as_saved_give_the_reference_tensors_and_the_spec_size
     T5Config(**{k: v for k, v in fullsize_checkpoint.REAL_T5_CONFIG.items() if k != "architectures"}) \
         .save_pretrained(tmp_path / "t5")
     with torch.device("meta"):
-        ours = {"ar": GlmImageAR(ARConfig.from_folder(tmp_path / "ar")),
-                "dit": GlmImageDiT(DiTConfig.from_dict(json.loads((tmp_path / "dit" / "config.json").read_text()))),
-                "vae": GlmImageVAE(VAEConfig.from_dict(json.loads((tmp_path / "vae" / "config.json").read_text())))}
-    for name in ours:
+        ar_config = ARConfig.from_folder(tmp_path / "ar")
+        ours = {"ar": (GlmImageAR(ar_config), VisionTokenizer(ar_config)),
+                "dit": (GlmImageDiT(DiTConfig.from_dict(json.loads((tmp_path / "dit" / "config.json").read_text()))),),
+                "vae": (GlmImageVAE(VAEConfig.from_dict(json.loads((tmp_path / "vae" / "config.json").read_text()))),)}
+    for name, modules in ours.items():
         theirs_shapes = {k: tuple(v.shape) for k, v in reference[name].state_dict().items()}
-        ours_shapes = {k: tuple(v.shape) for k, v in ours[name].state_dict().items()}
+        ours_shapes = {k: tuple(v.shape) for module in modules for k, v in official_state_dict(module).items()}
         assert ours_shapes == theirs_shapes, name
-    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in ours.items()}
+    counts = {name: sum(p.numel() for module in modules for p in module.parameters()) for name, modules in ours.items()}
     assert counts == {"ar": 10_114_245_632, "dit": 6_926_882_880, "vae": 406_100_643}  # spec §3
