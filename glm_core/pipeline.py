@@ -91,7 +91,8 @@ class GlmImage:
         self._weights: dict[str, StageWeights] = {}
         self._meta: dict[str, torch.nn.Module] = {}
         self._nbytes: dict[str, int] = {}
-        self.on_load: Callable[[str, int, float], None] | None = None  # (stage, bytes, seconds) after each load
+        # on_load(stage, bytes, None) before a stage's weights load, (stage, bytes, seconds) after
+        self.on_load: Callable[[str, int, float | None], None] | None = None
 
     @classmethod
     def from_folder(cls, folder, *, device=None, dtype: torch.dtype | None = None, compile: bool | None = None,
@@ -159,6 +160,8 @@ class GlmImage:
         for name in missing:
             module = self._modules.get(name)
             if module is None:
+                if self.on_load is not None:
+                    self.on_load(name, self.stage_nbytes(name), None)
                 start = time.perf_counter()
                 with gpu_released_on_error(f"loading the {name} weights", self.device):
                     module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))

@@ -34,18 +34,19 @@ def host_memory_available() -> int:
     return 0
 
 
-def _tensors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, bool]]:
-    """(owner, name, tensor, is_parameter) for every parameter and buffer, tied ones once."""
-    seen, out = set(), []
+def _tensors(module: nn.Module) -> list[tuple[list[tuple[nn.Module, str]], torch.Tensor, bool]]:
+    """(every (owner, name) that holds it, tensor, is_parameter) for each parameter and buffer, tied ones once."""
+    seen: dict[int, list[tuple[nn.Module, str]]] = {}
+    out = []
     for owner in module.modules():
-        for name, param in owner._parameters.items():
-            if param is not None and id(param) not in seen:
-                seen.add(id(param))
-                out.append((owner, name, param, True))
-        for name, buffer in owner._buffers.items():
-            if buffer is not None and id(buffer) not in seen:
-                seen.add(id(buffer))
-                out.append((owner, name, buffer, False))
+        for kind, tensors in ((True, owner._parameters), (False, owner._buffers)):
+            for name, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in seen:
+                    seen[id(tensor)] = []
+                    out.append((seen[id(tensor)], tensor, kind))
+                seen[id(tensor)].append((owner, name))
     return out
 
 
@@ -74,7 +75,7 @@ class StageWeights:
     def _layout(self) -> None:
         offset = 0
         self._slots = []
-        for _, _, tensor, _ in _tensors(self.module):
+        for _, tensor, _ in _tensors(self.module):
             nbytes = tensor.numel() * tensor.element_size()
             self._slots.append(_Slot(offset, nbytes, tensor.dtype, tensor.shape))
             offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
@@ -82,20 +83,20 @@ class StageWeights:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(_tensors(self.module)))[2].device
+        return _tensors(self.module)[0][1].device
 
     def _rebind(self, flat: torch.Tensor) -> None:
         """Point every tensor of the module at its view of `flat` (no copy)."""
-        for (owner, name, tensor, is_param), slot in zip(_tensors(self.module), self._slots):
+        for (holders, _, is_param), slot in zip(_tensors(self.module), self._slots):
             view = flat[slot.offset: slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
             if is_param:
-                owner._parameters[name] = nn.Parameter(view, requires_grad=False)
-            else:
-                owner._buffers[name] = view
+                view = nn.Parameter(view, requires_grad=False)
+            for owner, name in holders:  # tied tensors stay tied
+                (owner._parameters if is_param else owner._buffers)[name] = view
 
     def _make_host_copy(self) -> None:
         flat = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
-        for (_, _, tensor, _), slot in zip(_tensors(self.module), self._slots):
+        for (_, tensor, _), slot in zip(_tensors(self.module), self._slots):
             flat[slot.offset: slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape).copy_(tensor)
         self._host = flat
 

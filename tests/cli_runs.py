@@ -28,8 +28,8 @@ class CliRun:
 
     @property
     def loaded_weights(self) -> bool:
-        """The CLI prints "loaded <stage> weights ..." after each stage's weights are read."""
-        return "loaded " in self.stderr and " weights (" in self.stderr
+        """The CLI prints "loading <stage> weights ..." before and "loaded <stage> weights ..." after a stage loads."""
+        return ("loading " in self.stderr or "loaded " in self.stderr) and " weights (" in self.stderr
 
     @property
     def ran_ar(self) -> bool:
