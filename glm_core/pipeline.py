@@ -166,6 +166,8 @@ class GlmImage:
                 with gpu_released_on_error(f"loading the {name} weights", self.device):
                     module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))
                 self._modules[name] = module
+                if name in _FP8_STAGES and self.takes_turns():
+                    self._host_copy(name).keep_host_copy()
                 if self.on_load is not None:
                     self.on_load(name, self.stage_nbytes(name), time.perf_counter() - start)
             else:
@@ -235,15 +237,35 @@ class GlmImage:
         module = self._modules.get(name)
         if module is None or not self.on_device(name) or self.device.type != "cuda":
             return
+        weights = self._host_copy(name)
+        if weights is None:
+            self.unload(name)
+            return
+        weights.to_host()
+        _empty_cache(self.device)
+
+    def _host_copy(self, name: str) -> StageWeights | None:
+        """The stage's mover to and from its host copy, or None when the host has no room for a copy."""
         weights = self._weights.get(name)
         if weights is None:
             plan = host_copy_plan(self.stage_nbytes(name))
             if plan is None:
-                self.unload(name)
-                return
-            weights = self._weights[name] = StageWeights(module, pin=plan == "pinned")
-        weights.to_host()
-        _empty_cache(self.device)
+                return None
+            weights = self._weights[name] = StageWeights(self._modules[name], pin=plan == "pinned")
+        return weights
+
+    def takes_turns(self) -> bool:
+        """Whether the AR and the DiT will have to take turns on the GPU: placement "sequential", or "auto" when
+        the stages of one image, with room to run a 1024² one, do not fit the GPU memory we hold or could get."""
+        if self.device.type != "cuda" or self.placement == "gpu":
+            return False
+        if self.placement == "sequential":
+            return True
+        stages = ("ar", "glyph", "dit", "vae")
+        needed = (sum(self.stage_nbytes(name) for name in stages) + HEADROOM_BYTES
+                  + estimated_working_bytes("dit", height=1024, width=1024))
+        held = sum(self.stage_nbytes(name) for name in STAGES if self.on_device(name))
+        return needed > free_bytes(self.device) + held
 
     def on_device(self, name: str) -> bool:
         module = self._modules.get(name)

@@ -2,7 +2,8 @@
 
 Weights never change at inference, so a stage that leaves the GPU keeps one host copy of its tensors
 (page-locked when the host can spare it, for fast asynchronous copies) and leaving the GPU again later
-costs nothing: the GPU tensors are simply dropped. Coming back is one host-to-device copy of a single
+costs nothing: the GPU tensors are simply dropped. When stages must take turns, the copy is made right after
+the stage loads, so that no later image pays for it. Coming back is one host-to-device copy of a single
 flat buffer. When the host cannot hold a copy, the stage is dropped and re-read from the safetensors
 files (from the page cache, usually) the next time it is needed.
 
@@ -12,6 +13,7 @@ files (from the page cache, usually) the next time it is needed.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +60,43 @@ class _Slot:
     shape: torch.Size
 
 
+def _unregister(pointer: int, buffer: torch.Tensor) -> None:
+    """Unlock the pages before `buffer` (held by the finalizer until now) can be freed."""
+    try:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
+    except Exception:  # noqa: BLE001 - CUDA already shut down: nothing left to unlock
+        pass
+
+
+def host_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, object | None]:
+    """A host byte buffer of exactly `nbytes`, page-locked when `pin` and CUDA allows it.
+
+    Returns (buffer, keeper): while `keeper` lives the pages stay locked; when it is collected they are
+    unlocked, then freed. torch's own pinned allocator (pin_memory=True) is not used: it rounds every block up to
+    a power of two (an 18 GB stage would lock 32 GB of the host's memory) and keeps freed blocks cached. Here
+    the pages are touched by every core first (one thread faulting 18 GB in takes seconds), then registered with
+    CUDA, as ComfyUI pins its own weights."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if not pin or nbytes == 0:
+        return buffer, None
+    buffer.zero_()
+    pointer = buffer.data_ptr()
+    if int(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, 0)) != 0:
+        log.info("could not page-lock a %.1f GB host copy; keeping it in pageable memory (slower copies)",
+                 nbytes / 1e9)
+        return buffer, None
+    keeper = _PinnedPages()
+    finalizer = weakref.finalize(keeper, _unregister, pointer, buffer)
+    finalizer.atexit = False
+    return buffer, keeper
+
+
+class _PinnedPages:
+    """Lifetime token of a registered host buffer (see `host_buffer`)."""
+
+
 class StageWeights:
-    """Moves one stage's tensors between the device and a host copy made the first time they leave it.
+    """Moves one stage's tensors between the device and a host copy (made once, see `keep_host_copy`).
 
     All tensors of the stage live as views of ONE flat byte buffer on each side, so a move is one
     allocation and one copy, and the memory returns whole when the device buffer is dropped.
@@ -68,7 +105,9 @@ class StageWeights:
     def __init__(self, module: nn.Module, pin: bool):
         self.module = module
         self.pin = pin
+        self.pinned = False
         self._host: torch.Tensor | None = None
+        self._pages: object | None = None
         self._slots: list[_Slot] = []
         self._layout()
 
@@ -85,6 +124,10 @@ class StageWeights:
     def device(self) -> torch.device:
         return _tensors(self.module)[0][1].device
 
+    @property
+    def has_host_copy(self) -> bool:
+        return self._host is not None
+
     def _rebind(self, flat: torch.Tensor) -> None:
         """Point every tensor of the module at its view of `flat` (no copy)."""
         for (holders, _, is_param), slot in zip(_tensors(self.module), self._slots):
@@ -94,10 +137,19 @@ class StageWeights:
             for owner, name in holders:  # tied tensors stay tied
                 (owner._parameters if is_param else owner._buffers)[name] = view
 
-    def _make_host_copy(self) -> None:
-        flat = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+    def keep_host_copy(self) -> None:
+        """Copy the weights into the host copy now (once), so that leaving the device later costs nothing.
+        Called right after a stage loads when stages will have to take turns on the GPU: the page locking and
+        the copy then belong to the first image, not to the first swap of a later one."""
+        if self._host is not None:
+            return
+        flat, self._pages = host_buffer(self.nbytes, self.pin)
+        self.pinned = self._pages is not None
         for (_, tensor, _), slot in zip(_tensors(self.module), self._slots):
-            flat[slot.offset: slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape).copy_(tensor)
+            flat[slot.offset: slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape).copy_(
+                tensor, non_blocking=self.pinned)
+        if self.pinned and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self._host = flat
 
     def to_host(self) -> None:
@@ -105,8 +157,7 @@ class StageWeights:
         dropped from the device (the host copy already holds them)."""
         if self.device.type == "cpu":
             return
-        if self._host is None:
-            self._make_host_copy()
+        self.keep_host_copy()
         self._rebind(self._host)
 
     def to_device(self, device: torch.device) -> None:
@@ -114,10 +165,9 @@ class StageWeights:
         device = torch.device(device)
         if self.device == device:
             return
-        if self._host is None:
-            self._make_host_copy()
+        self.keep_host_copy()
         flat = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
-        flat.copy_(self._host, non_blocking=self.pin)
+        flat.copy_(self._host, non_blocking=self.pinned)
         self._rebind(flat)
 
 

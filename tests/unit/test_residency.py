@@ -125,3 +125,66 @@ def test_host_copy_round_trip_keeps_every_tensor():
     weights.to_device("meta")
     weights.to_host()
     assert {t.untyped_storage().data_ptr() for t in module.state_dict().values()} == storages
+
+
+@pytest.mark.parametrize("capacity_gb,resident,placement,expected", [
+    (141, set(), "auto", False),         # an H200: everything fits, no host copies
+    (48, {"ar"}, "auto", False),         # 48 GB: the AR held plus the rest still fits
+    (24, set(), "auto", True),           # 24 GB: the AR and the DiT take turns
+    (24, {"ar"}, "auto", True),          # the AR we hold counts as room, still not enough
+    (141, set(), "sequential", True),
+    (12, set(), "gpu", False),           # "gpu" never moves a stage (an impossible load is refused instead)
+])
+def test_takes_turns_follows_the_card(simulated, capacity_gb, resident, placement, expected):
+    model, _ = simulated(capacity_gb, resident, placement)
+    assert model.takes_turns() is expected
+
+
+def test_host_copy_is_made_at_load_when_stages_take_turns(monkeypatch, demo_folder):
+    """A stage that will have to leave gets its host copy right after it loads, so that the first swap of a later
+    image costs only the copy back; a stage that can stay gets none."""
+    for turns in (True, False):
+        model = pipeline.GlmImage.from_folder(demo_folder, device="cpu")
+        monkeypatch.setattr(model, "takes_turns", lambda turns=turns: turns)
+        monkeypatch.setattr(pipeline, "host_copy_plan", lambda nbytes: "pageable")
+        model.prepare(["dit", "vae"])
+        assert ("dit" in model._weights and model._weights["dit"].has_host_copy) is turns
+        assert "vae" not in model._weights  # small stages: copied when they first leave, if ever
+
+
+def test_keep_host_copy_holds_the_values_and_is_made_once():
+    torch.manual_seed(0)
+    module = Mixed()
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    weights = StageWeights(module, pin=False)
+    weights.keep_host_copy()
+    first = weights._host
+    weights.keep_host_copy()
+    assert weights._host is first and not weights.pinned
+    for parameter in module.parameters():  # the module itself is untouched by the copy
+        parameter.data.zero_()
+    weights.to_device("meta")
+    weights.to_host()
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor.view(-1).view(torch.uint8), before[name].view(-1).view(torch.uint8)), name
+
+
+def test_host_buffer_is_exactly_the_size_asked_for():
+    from glm_core.residency import host_buffer
+
+    buffer, keeper = host_buffer(12345, pin=False)
+    assert buffer.numel() == 12345 and buffer.dtype == torch.uint8 and keeper is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locking needs CUDA (run on the GPU machine)")
+def test_pinned_host_copy_round_trip_on_the_gpu():
+    torch.manual_seed(0)
+    module = Mixed().cuda()
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    weights = StageWeights(module, pin=True)
+    weights.keep_host_copy()
+    assert weights.pinned and weights._host.is_pinned()
+    weights.to_host()
+    weights.to_device(torch.device("cuda", torch.cuda.current_device()))
+    for name, tensor in module.state_dict().items():
+        assert tensor.is_cuda and torch.equal(tensor, before[name]), name
