@@ -14,6 +14,7 @@ The token budget is exact: t2i = preview + large + 1 (EOS), editing = large + 1.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from ..processor import ARInputs
 from .config import Sampling
 from .model import GlmImageAR, TextDecoderLayer
 from .positions import batch_positions
+
+log = logging.getLogger("glm_core")
 
 Grid = tuple[int, int]
 PROGRESS_EVERY = 8  # tokens between progress / interrupt callbacks
@@ -289,6 +292,22 @@ def decode_layer_runner(model: GlmImageAR):
     return run_layer
 
 
+def cuda_graphs_supported() -> bool:
+    """Whether the decode step may be captured into a CUDA graph: not under the cudaMallocAsync allocator, which
+    ComfyUI turns on by default (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync). There, freeing a tensor made
+    during capture aborted the whole process ("uncaptured free of a captured allocation", then a CUDA
+    invalid-argument error thrown from a destructor; measured in ComfyUI 0.33.0 on the H200). Eager decoding
+    gives the same tokens, only slower; start ComfyUI with --disable-cuda-malloc for the graph."""
+    if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        if not _GRAPH_NOTE:
+            _GRAPH_NOTE.append(1)
+            log.info("AR decode: no CUDA graph under the cudaMallocAsync allocator (ComfyUI's default); "
+                     "start ComfyUI with --disable-cuda-malloc for faster token generation")
+        return False
+    return True
+
+
+_GRAPH_NOTE: list[int] = []
 _WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -364,7 +383,7 @@ def generate_sequences(
     plan = prepare_prompt(model, inputs, copies)
     device = model.device
     if use_cuda_graph is None:
-        use_cuda_graph = device.type == "cuda"
+        use_cuda_graph = device.type == "cuda" and cuda_graphs_supported()
     total = plan.num_new_tokens
     cache = loop = None
     try:

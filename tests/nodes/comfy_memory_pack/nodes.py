@@ -27,8 +27,9 @@ class MemoryTestWeights(torch.nn.Module):
         for index in range(layers):
             linear = comfy.ops.disable_weight_init.Linear(width, width, bias=False, device="cpu",
                                                            dtype=torch.bfloat16)
-            linear.weight.requires_grad_(False)
-            linear.weight.copy_(torch.roll(base, shifts=index, dims=0))
+            # Assigned, not copied into: with dynamic VRAM on, ComfyUI's op classes build no weight (it comes
+            # later from a state dict), so `linear.weight` is None here.
+            linear.weight = torch.nn.Parameter(torch.roll(base, shifts=index, dims=0), requires_grad=False)
             self.blocks.append(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
