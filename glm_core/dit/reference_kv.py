@@ -60,7 +60,9 @@ class ReferenceKV:
         if not parts:
             raise ValueError("ReferenceKV.concat needs at least one part")
         if len(parts) == 1:
-            return parts[0]
+            # Contiguous like a concatenation of several: the compiled DiT block guards on strides, and one
+            # reference's transposed views would make a second reference count compile it again.
+            return cls(tuple(k.contiguous() for k in parts[0].keys), tuple(v.contiguous() for v in parts[0].values))
         layers = {p.num_layers for p in parts}
         if len(layers) != 1:
             raise ValueError(f"ReferenceKV.concat: parts have different block counts {sorted(layers)}")

@@ -45,3 +45,24 @@ def test_no_recompiles_in_normal_use_on_the_gpu(tiny_checkpoint):
     assert result["recompiles"] == 0, "recompiled in normal use:\n" + "\n".join(result["reasons"])
     assert result["compiled_frames"] == 0, f"{result['compiled_frames']} frames compiled after the warm-up"
     session.close()
+
+
+def test_more_references_do_not_recompile_the_dit_block(tiny_checkpoint):
+    """Dynamo's guards do not depend on the backend, so the eager backend shows on the CPU what inductor would
+    recompile on the GPU: after an edit with one reference, edits with 2-4 must reuse the compiled DiT block
+    (one reference's K/V used to be transposed views, several a concatenation: a stride guard failed)."""
+    from bench.ours_runs import OursSession
+    from bench.recompiles import CompileCounter, ScriptedRun, make
+    from bench.workloads import TINY_E2E_SIZES
+
+    torch._dynamo.reset()
+    session = OursSession(tiny_checkpoint, torch.device("cpu"), None, compile_backend="eager")
+    sizes = TINY_E2E_SIZES
+    make(session, ScriptedRun("edit", sizes.t2i, sizes.recompile_references[:1]), sizes, seed=0)
+    with CompileCounter() as counter:
+        for count in range(2, len(sizes.recompile_references) + 1):
+            make(session, ScriptedRun("edit", sizes.t2i, sizes.recompile_references[:count]), sizes, seed=0)
+    session.close()
+    torch._dynamo.reset()
+    assert len(sizes.recompile_references) >= 3
+    assert counter.recompiles == 0, "\n".join(counter.reasons)
