@@ -60,7 +60,7 @@ if __package__ in (None, ""):  # `python bench/comfy_queue.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from tests.harness import copy_pack, ui_to_api, validate_prompt  # noqa: E402
+from tests.harness import copy_pack, shrink_for_cpu, ui_to_api, validate_prompt  # noqa: E402
 from tests.nodes.comfy_files import write_reference_images  # noqa: E402
 from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, REPO_ROOT, WORKFLOWS_DIR  # noqa: E402
 from tests.harness.real_server import RealServer as Server, free_port as _free_port  # noqa: E402
@@ -184,13 +184,7 @@ def workflow_prompt(run: ComfyRun, name: str, *, cpu: bool, size: int, steps: in
     _, info = run.server.request("/object_info")
     prompt = ui_to_api(json.loads((WORKFLOWS_DIR / name).read_text()), info)
     if cpu:
-        for node in prompt.values():
-            if node["class_type"] == "GLMImageLoader":
-                node["inputs"]["dtype"] = "fp32"
-            if node["class_type"] == "GLMImageEncode":
-                node["inputs"].update(width=size, height=size)
-            if node["class_type"] == "GLMImageDiTDecode":
-                node["inputs"]["steps"] = min(steps, node["inputs"]["steps"])
+        shrink_for_cpu(prompt, size=size, steps=steps)
     problems = validate_prompt(prompt, info)
     if problems:
         raise ValueError(f"{name} does not validate against this server's /object_info: {problems}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,6 +19,7 @@ import torch
 
 from bench import workloads
 from bench.harness import Deadline, log, measure, synchronize
+from glm_core.compiling import compile_seconds
 
 
 @dataclass
@@ -32,18 +32,6 @@ class ImageRun:
     decode_s: float  # decode: glyph encoder, DiT steps, VAE
     ar_tokens: int  # tokens the AR generated per image (preview, grid and end marker)
     compile_s: float | None  # of the total, torch.compile's own time (a warm run has none)
-
-
-def compile_seconds() -> float | None:
-    """torch.compile's own seconds so far in this process (dynamo + backend), None where torch does not say."""
-    if "torch._dynamo" not in sys.modules:
-        return 0.0
-    try:
-        from torch._dynamo.utils import calculate_time_spent
-
-        return calculate_time_spent().get("entire_frame_compile", 0.0)
-    except (ImportError, AttributeError):
-        return None
 
 
 class OursSession:

@@ -204,22 +204,12 @@ class RunTimings:
             self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
 
     def write(self, path: Path) -> None:
+        from .compiling import compile_seconds
+
         data = {"total_s": time.perf_counter() - self.start, "parts_s": self.parts, "loads_s": self.loads,
-                "compile_s": _compile_seconds()}
+                "compile_s": compile_seconds()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-
-
-def _compile_seconds() -> float | None:
-    """torch.compile's own time in this process (dynamo tracing + the backend), None where torch does not say."""
-    if "torch._dynamo" not in sys.modules:
-        return 0.0
-    try:
-        from torch._dynamo.utils import calculate_time_spent
-
-        return calculate_time_spent().get("entire_frame_compile", 0.0)
-    except (ImportError, AttributeError):
-        return None
 
 
 def print_load(stage: str, nbytes: int, seconds: float | None) -> None:

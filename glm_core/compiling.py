@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,3 +145,14 @@ def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND) -> Compile
         wrapper = _WRAPPERS[key] = CompiledOrEager(fn, name, backend=backend, dynamic=True)
     return wrapper
 
+
+def compile_seconds() -> float | None:
+    """torch.compile's own time so far in this process (dynamo tracing + the backend), None where torch does not say."""
+    if "torch._dynamo" not in sys.modules:
+        return 0.0
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return calculate_time_spent().get("entire_frame_compile", 0.0)
+    except (ImportError, AttributeError):
+        return None

@@ -6,7 +6,6 @@ lazily on first use, so building a `GlmImage` is cheap, and a stage can leave th
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from .ar.config import ARConfig, Sampling
 from .ar.decode import generate_grids
 from .ar.model import is_vision_key, load_ar
 from .ar.vision import load_vision
-from .checkpoint import CheckpointFolder, open_checkpoint, read_headers
+from .checkpoint import CheckpointFolder, open_checkpoint
 from .dit.model import load_dit
 from .dit.sampling import DiTConditioning, denoise, initial_noise, uses_guidance
 from .glyph import load_glyph_encoder
@@ -415,7 +414,7 @@ def decode(model: GlmImage, cond: Conditioning, tokens: PriorTokens, *, steps: i
     """
     check_decode_settings(steps, guidance)
     check_decode_inputs(model, cond, tokens)
-    device, dtype = model.device, model.dtype
+    device = model.device
     batch = tokens.grid_ids.shape[0]
     if interrupt is not None:
         interrupt()

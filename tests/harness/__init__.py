@@ -5,11 +5,11 @@ from .core_nodes import UI_ONLY_TYPES, class_mappings, object_info
 from .executor import Executor, PromptError, RunResult, reported_type_name
 from .loader import LoadedPack, PackLoadError, copy_pack, load_pack, unload_pack
 from .stubs import ComfyStubs, InterruptProcessingException
-from .workflow import input_specs, ui_to_api, validate_prompt, validate_ui_workflow
+from .workflow import input_specs, shrink_for_cpu, ui_to_api, validate_prompt, validate_ui_workflow
 
 __all__ = [
     "UI_ONLY_TYPES", "class_mappings", "object_info", "Executor", "PromptError", "RunResult", "reported_type_name",
     "LoadedPack",
     "PackLoadError", "copy_pack", "load_pack", "unload_pack", "ComfyStubs", "InterruptProcessingException",
-    "input_specs", "ui_to_api", "validate_prompt", "validate_ui_workflow",
+    "input_specs", "shrink_for_cpu", "ui_to_api", "validate_prompt", "validate_ui_workflow",
 ]

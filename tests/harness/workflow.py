@@ -258,6 +258,19 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
 # --- API format ----------------------------------------------------------------------------------------
 
+def shrink_for_cpu(prompt: dict, *, size: int, steps: int) -> dict:
+    """An API prompt of our nodes made to run on the CPU in seconds (in place, returned): fp32 weights, size x size
+    images, at most `steps` DiT steps."""
+    for node in prompt.values():
+        if node["class_type"] == "GLMImageLoader":
+            node["inputs"]["dtype"] = "fp32"
+        if node["class_type"] == "GLMImageEncode":
+            node["inputs"].update(width=size, height=size)
+        if node["class_type"] == "GLMImageDiTDecode":
+            node["inputs"]["steps"] = min(steps, node["inputs"]["steps"])
+    return prompt
+
+
 def validate_prompt(prompt: dict, object_info: dict, class_mappings: dict | None = None) -> list[dict]:
     """What the server's /prompt validation would report, as {node_id, type, details} dicts.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from tests.harness import ui_to_api, validate_prompt
+from tests.harness import shrink_for_cpu, ui_to_api, validate_prompt
 from tests.harness.core_nodes import core_node_class_mappings, parse_version
 from tests.harness.real_server import ServerError, prepare_scratch, start
 from tests.nodes.comfy_files import write_reference_images
@@ -140,14 +140,7 @@ def shipped_prompt(server, name, *, size=SIZE, steps=STEPS):
     tests do (512x512, 2 steps, fp32)."""
     _, info = server.request("/object_info")
     workflow = json.loads((WORKFLOWS_DIR / name).read_text())
-    prompt = ui_to_api(workflow, info)
-    for node in prompt.values():
-        if node["class_type"] == "GLMImageLoader":
-            node["inputs"]["dtype"] = "fp32"
-        if node["class_type"] == "GLMImageEncode":
-            node["inputs"].update(width=size, height=size)
-        if node["class_type"] == "GLMImageDiTDecode":
-            node["inputs"]["steps"] = steps
+    prompt = shrink_for_cpu(ui_to_api(workflow, info), size=size, steps=steps)
     assert validate_prompt(prompt, info) == []
     return workflow, prompt
 
