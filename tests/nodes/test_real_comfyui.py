@@ -245,8 +245,11 @@ def test_real_model_management_lists_evicts_and_reloads_our_stages(server, tmp_p
     for stage in ("glyph", "dit", "vae"):
         check_loaded(after_dit[stage], stage)
         assert after_dit[stage]["currently_used"]
-    if "ar" in after_dit:  # detached by us before the DiT ran; ComfyUI drops the entry on its next free
-        assert after_dit["ar"]["loaded_size"] == 0
+    if "ar" in after_dit:
+        # Placement follows ComfyUI's memory state: with room (here the CPU) nothing leaves, so the AR stays listed
+        # whole; it is never left half loaded.
+        check_loaded(after_dit["ar"], "ar")
+        assert not after_dit["ar"]["currently_used"]
     # ModelPatcher's bookkeeping went onto our holders, never onto the stage modules.
     assert report["stage_module_attributes"] == {stage: [] for stage in STAGE_HOLDERS}
 
