@@ -41,7 +41,7 @@ class TimedGenerate:
         prompt_length = kwargs["input_ids"].shape[1]
         generated = out[:, prompt_length:]
         outside = generated >= self.codebook_size
-        outside[:, -1] = False  # the last id is the end-of-image marker, which the pipeline never reads
+        outside[:, -1] = False  # the end-of-image marker's place, after the grid: the pipeline never reads it
         if bool(outside.any()):
             out = out.clone()
             out[:, prompt_length:] = torch.where(outside, generated % self.codebook_size, generated)
