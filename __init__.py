@@ -10,4 +10,7 @@ if __package__:  # imported as a package: ComfyUI's loader, the test harness
 else:  # executed as a plain module (no parent package for the relative imports): nothing to register
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# Frontend extension served by ComfyUI (web/token_files.js: Save Tokens shows the file it wrote).
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -63,7 +63,7 @@ if __package__ in (None, ""):  # `python bench/comfy_queue.py`
 from tests.harness import copy_pack, ui_to_api, validate_prompt  # noqa: E402
 from tests.nodes.comfy_files import write_reference_images  # noqa: E402
 from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, REPO_ROOT, WORKFLOWS_DIR  # noqa: E402
-from tests.nodes.test_real_comfyui import Server, _free_port  # noqa: E402
+from tests.harness.real_server import RealServer as Server, free_port as _free_port  # noqa: E402
 
 MEMORY_PACK = REPO_ROOT / "tests" / "nodes" / "comfy_memory_pack"
 MEMORY_PACK_FOLDER = "memory-test-pack"
@@ -94,7 +94,7 @@ def log(message: str, t0: float) -> None:
 
 @dataclass
 class ComfyRun:
-    """One ComfyUI server process with its scratch folders; `Server` (tests/nodes/test_real_comfyui.py) talks
+    """One ComfyUI server process with its scratch folders; `Server` (tests/harness/real_server.py) talks
     HTTP to it."""
 
     server: Server

@@ -28,22 +28,31 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 DEMO_SIDE, DEMO_STEPS = 512, 8
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help names its default once: written in the help where "default" needs words, else
+    appended from the parser (on/off for flags)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.required or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m glm_core", description=__doc__, formatter_class=_Help)
-    p.add_argument("--model", type=Path, help="GLM-Image folder (zai-org/GLM-Image layout); omitted: a tiny "
-                   "random-weight demo checkpoint")
+    p.add_argument("--model", type=Path, help="GLM-Image folder (zai-org/GLM-Image layout) (default: a tiny "
+                   "random-weight demo checkpoint, written once)")
     p.add_argument("--prompt", required=True, help='what to draw, or how to change the references; quote text to '
-                   'render, e.g. a sign that says "OPEN"')
+                   'render, e.g. a sign that says "OPEN" (required)')
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 32 in [512, 2048] (default 1024; "
                    f"{DEMO_SIDE} for the demo)")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 32 in [512, 2048] (default 1024; "
                    f"{DEMO_SIDE} for the demo)")
     p.add_argument("--ref", type=Path, action="append", default=[], help="reference image (repeatable): one to "
-                   "edit it, several to combine subjects")
+                   "edit it, several to combine subjects (default: none, text to image)")
     p.add_argument("--seed", type=int, default=0, help="seed of the DiT's initial noise")
     p.add_argument("--ar-seed", type=int, default=None, help="seed of the AR token sampling (default: --seed)")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default 50; {DEMO_STEPS} for the demo)")
@@ -67,13 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the AR decode layer and DiT "
                    "blocks (on by default on CUDA; compiling costs time on the first image of a process)")
     p.add_argument("--tokens-only", action="store_true", help="stop after the AR stage and print the token grid")
-    p.add_argument("--save-tokens", type=Path, help="also write the AR tokens to this .safetensors file")
+    p.add_argument("--save-tokens", type=Path, help="also write the AR tokens to this .safetensors file (default: "
+                   "not written)")
     p.add_argument("--load-tokens", type=Path, help="decode tokens saved with --save-tokens instead of running the "
-                   "AR (give the same prompt, size and references)")
+                   "AR (give the same prompt, size and references) (default: run the AR)")
     p.add_argument("--out", type=Path, default=Path("glm_image.png"), help="output image (.png, .jpg, .webp, ...); "
                    "a batch writes name_0.png, name_1.png, ...")
     p.add_argument("--timings", type=Path, help="also write how long each part of the run took (JSON: seconds per "
-                   "part, per stage load, and torch.compile's own total)")
+                   "part, per stage load, and torch.compile's own total) (default: not written)")
     return p.parse_args(argv)
 
 
@@ -81,48 +91,80 @@ class UsageError(ValueError):
     """A bad command line, found before anything was loaded."""
 
 
+def writable_file(option: str, path: Path, example: str) -> None:
+    """UsageError unless `path` can be created or replaced as a file (checked before a run that ends by writing it)."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name such as {path / example}")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot write into {existing}; choose a writable folder")
+
+
 def output_paths(out: Path, batch: int) -> list[Path]:
+    writable_file("--out", out, "image.png")
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UsageError(f"--out {out}: unknown image extension {out.suffix or '(none)'}; use one of "
                          f"{', '.join(sorted(IMAGE_SUFFIXES))}")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'image.png'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UsageError(f"--out {out}: cannot write into {existing}; choose a writable folder")
     if batch == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
 
 
-def check_args(args, width: int, height: int, steps: int) -> None:
-    """Every problem with the command line, named together, before the model is opened."""
-    from .ar.config import Sampling
-    from .pipeline import check_decode_settings
-    from .processor import validate_target_size
+def read_reference(path: Path):
+    """The image at `path`, read whole (PIL), or UsageError saying why it cannot be a reference."""
+    from PIL import Image
 
-    problems = []
-    for check in (lambda: validate_target_size(height, width),
-                  lambda: check_decode_settings(steps, args.guidance),
-                  lambda: Sampling(*(v if v is not None else d for v, d in
-                                     zip((args.temperature, args.top_p, args.top_k), (1.0, 1.0, 0)))).validate(),
-                  lambda: output_paths(args.out, args.batch)):
+    from .limits import reference_size
+
+    if not path.is_file():
+        raise UsageError(f"--ref {path}: file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            picture = image.copy()
+    except (OSError, Image.DecompressionBombError) as error:
+        raise UsageError(f"--ref {path}: not a readable image ({error})") from None
+    try:
+        reference_size(picture.height, picture.width)
+    except ValueError as error:
+        raise UsageError(f"--ref {path}: {error}") from None
+    return picture
+
+
+def check_args(args, width: int, height: int, steps: int) -> list:
+    """Every problem with the command line, named together, before torch is imported or the model opened.
+    Returns the reference images, read."""
+    from .limits import check_decode_settings, check_prompt, check_sampling, validate_target_size
+
+    problems, references = [], []
+    # Unset sampling values come from the checkpoint; stand-ins that pass stop them being reported.
+    sampling = [value if value is not None else neutral
+                for value, neutral in zip((args.temperature, args.top_p, args.top_k), (1.0, 1.0, 0))]
+    checks = [lambda: check_prompt(args.prompt),
+              lambda: validate_target_size(height, width),
+              lambda: check_decode_settings(steps, args.guidance),
+              lambda: check_sampling(*sampling),
+              lambda: output_paths(args.out, max(args.batch, 1))]
+    if args.save_tokens is not None:
+        checks.append(lambda: writable_file("--save-tokens", args.save_tokens, "tokens.safetensors"))
+    if args.timings is not None:
+        checks.append(lambda: writable_file("--timings", args.timings, "timings.json"))
+    checks += [lambda path=path: references.append(read_reference(path)) for path in args.ref]
+    for check in checks:
         try:
             check()
         except ValueError as error:
             problems.append(str(error))
     if args.batch < 1:
         problems.append(f"--batch must be >= 1, got {args.batch}")
-    for path in args.ref:
-        if not path.is_file():
-            problems.append(f"--ref {path}: file not found")
     if args.load_tokens is not None and not args.load_tokens.is_file():
         problems.append(f"--load-tokens {args.load_tokens}: file not found")
     if args.load_tokens is not None and args.tokens_only:
         problems.append("--load-tokens and --tokens-only together do nothing; drop one")
     if problems:
         raise UsageError("\n".join(problems))
+    return references
 
 
 class ProgressLines:
@@ -221,14 +263,16 @@ def run(args, timings: RunTimings | None = None) -> int:
     width = args.width if args.width is not None else (DEMO_SIDE if demo else 1024)
     height = args.height if args.height is not None else (DEMO_SIDE if demo else 1024)
     steps = args.steps if args.steps is not None else (DEMO_STEPS if demo else 50)
-    with part("check_request"):  # the first import of torch happens here
-        check_args(args, width, height, steps)
+    with part("check_request"):
+        references = check_args(args, width, height, steps)
         paths = output_paths(args.out, args.batch)
 
     with part("import"):
         import torch
 
+        from .limits import reference_size
         from .pipeline import GlmImage, decode, encode_prompt, generate_tokens, load_tokens, save_tokens
+        from .tokens import check_token_ids, check_tokens_match
 
     if demo:
         from .demo_checkpoint import write_demo_checkpoint
@@ -252,21 +296,16 @@ def run(args, timings: RunTimings | None = None) -> int:
     stages = ["glyph", "dit", "vae"] if not args.tokens_only else []
     if args.load_tokens is None:
         stages.append("ar")
-    if args.ref:
+    if references:
         stages.append("vision")
     with part("check_files"):
         model.check(stages)  # every file the run will read, before the first weight is
-    tokens = load_tokens(args.load_tokens) if args.load_tokens is not None else None
-    from PIL import Image
-
-    references = []
-    for path in args.ref:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                references.append(image.copy())
-        except OSError as error:
-            raise UsageError(f"--ref {path}: not a readable image ({error})") from None
+    tokens = None
+    if args.load_tokens is not None:
+        tokens = load_tokens(args.load_tokens)
+        # Before the references are encoded: a mismatch must not cost the vision stage's load.
+        check_tokens_match(tokens, height, width, [reference_size(image.height, image.width) for image in references])
+        check_token_ids(tokens, model.codebook_size)
     with part("encode_prompt"):
         cond = encode_prompt(model, args.prompt, width, height, references)
     if tokens is None:
@@ -305,7 +344,8 @@ def main(argv=None) -> int:
             timings.write(args.timings)
         return code
     except KeyboardInterrupt:
-        print("\ninterrupted; nothing was written", file=sys.stderr)
+        # On a terminal the progress line may still be open (it ends in "\r"): end it first.
+        print(("\n" if sys.stderr.isatty() else "") + "interrupted; no image was written", file=sys.stderr)
         return 130
     except (ValueError, OSError) as error:  # bad input, bad files, GPU memory (NotEnoughGpuMemory is a RuntimeError)
         print(f"error: {error}", file=sys.stderr)

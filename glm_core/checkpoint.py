@@ -49,6 +49,11 @@ class CheckpointError(ValueError):
     The message names the file, the key (where there is one) and what was expected.
     """
 
+    # ComfyUI shows an error's type as `__module__ + "." + __qualname__`, and inside ComfyUI our modules are
+    # named after the pack's absolute path: users would read "/home/.../custom_nodes/<folder>.glm_core.checkpoint
+    # .CheckpointError". The public name is short and the same everywhere.
+    __module__ = "glm_core"
+
 
 # --------------------------------------------------------------------------------------------
 # Folder
@@ -193,13 +198,25 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 tensor_slice = f.get_slice(key)
                 header[key] = (tuple(tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
             return header
-    except PermissionError as exc:
-        raise CheckpointError(f"cannot read {path}: permission denied; give this user read access to the "
-                              f"checkpoint folder") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
-        raise CheckpointError(
+        raise (_access_error(path) or CheckpointError(
             f"cannot read safetensors file {path}: {exc}; the file is truncated or corrupt, "
-            f"re-download it") from exc
+            f"re-download it")) from exc
+
+
+def _access_error(path: Path) -> CheckpointError | None:
+    """Why the OS will not let us read `path`, if that is the problem; None when the file opens fine.
+
+    safetensors reports a file it may not open as "No such file or directory", so the file is opened here
+    to learn the real reason: only a file that opens and still fails to parse is called corrupt."""
+    try:
+        with open(path, "rb"):
+            return None
+    except PermissionError:
+        return CheckpointError(f"cannot read {path}: permission denied; give this user read access to the "
+                               f"checkpoint folder")
+    except OSError as exc:
+        return CheckpointError(f"cannot read {path}: {exc.strerror or exc}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,14 +303,13 @@ def fuse_checkpoint_keys(module, state_dict, prefix, *args) -> None:
             state_dict[prefix + fused] = torch.cat([state_dict.pop(name) for name in names])
 
 
-def _read_failure(path: Path, exc: BaseException, device: torch.device) -> Exception:
+def _read_failure(path: Path, exc: BaseException, device: torch.device, needed_bytes: int) -> Exception:
     """The error to raise when reading tensors from `path` failed: corrupt only when the file is."""
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         from .memory import out_of_memory_error
-        return out_of_memory_error(f"loading {path.parent.name}/ weights", device, exc)
-    if isinstance(exc, PermissionError):
-        return CheckpointError(f"cannot read {path}: permission denied; give this user read access to the "
-                               f"checkpoint folder")
+        return out_of_memory_error(f"loading {path.parent.name}/ weights", device, exc, needed_bytes=needed_bytes)
+    if (access := _access_error(path)) is not None:
+        return access
     if "safetensor" in type(exc).__name__.lower() or isinstance(exc, (OSError, EOFError)):
         return CheckpointError(f"cannot read tensors from {path}: {exc}; the file is truncated or corrupt, "
                                f"re-download it")
@@ -433,7 +449,8 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
     except CheckpointError:
         raise
     except Exception as exc:
-        failure = _read_failure(path, exc, device)
+        needed = sum(tensors[group_id].numel() * tensors[group_id].element_size() for _, group_id in plan)
+        failure = _read_failure(path, exc, device, needed)
         if failure is exc:
             raise
         raise failure from exc

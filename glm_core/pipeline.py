@@ -24,7 +24,8 @@ from .dit.sampling import DiTConditioning, denoise, initial_noise, uses_guidance
 from .glyph import load_glyph_encoder
 from .memory import (GB, VAE_DECODE_BYTES_PER_PIXEL, estimated_working_bytes, free_bytes, gpu_released_on_error,
                      out_of_memory_error)
-from .processor import PromptProcessor, adjust_reference_size, validate_target_size
+from .limits import check_decode_settings, check_prompt, validate_target_size
+from .processor import PromptProcessor, adjust_reference_size
 from .fp8 import WEIGHT_FORMATS, stored_in_fp8
 from .residency import PLACEMENTS, StageWeights, host_copy_plan
 from .schedule import SchedulerConfig, image_seq_len, timesteps_and_sigmas
@@ -318,9 +319,7 @@ def encode_prompt(model: GlmImage, prompt: str, width: int, height: int,
                   references: Sequence = ()) -> Conditioning:
     """Check the request, bring each reference to a size both stages accept (spec §4) and tokenize the
     references with the vision stage (one pass for all of them); a prompt alone needs no weights."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty: describe the image you want (quote any text to render, "
-                         'e.g. a sign that says "OPEN").')
+    check_prompt(prompt)
     validate_target_size(height, width)
     adjusted = [adjust_reference_size(image) for image in references]
     cond = Conditioning(prompt=prompt, width=int(width), height=int(height), references=adjusted)
@@ -372,17 +371,6 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
 
 
 # -- DiT stage ---------------------------------------------------------------------------------------
-
-
-def check_decode_settings(steps, guidance) -> None:
-    """ValueError naming every bad DiT setting (before any weight is read)."""
-    problems = []
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        problems.append(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(guidance, (int, float)) or not guidance >= 1.0:
-        problems.append(f"guidance must be >= 1.0 (1.0 disables classifier-free guidance), got {guidance!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def check_decode_inputs(model: GlmImage, cond: Conditioning, tokens: PriorTokens) -> None:
@@ -480,6 +468,8 @@ def generate(model: GlmImage, prompt: str, width: int, height: int, references: 
     """Prompt (+ references) to images (B, H, W, 3) float32 in [0, 1]."""
     check_decode_settings(steps, guidance)
     sampling_settings(model, temperature, top_p, top_k)
+    # Every file of every stage this call runs, before the AR spends minutes on tokens the DiT cannot decode.
+    model.check(["ar", "glyph", "dit", "vae"] + (["vision"] if len(references) else []))
     cond = encode_prompt(model, prompt, width, height, references)
     tokens = generate_tokens(model, cond, seed=ar_seed, temperature=temperature, top_p=top_p, top_k=top_k,
                              batch_size=batch_size, progress=ar_progress, interrupt=interrupt)

@@ -31,13 +31,9 @@ from tokenizers import AddedToken, Tokenizer
 
 from .checkpoint import CheckpointError, _read_json, open_checkpoint
 from .images import to_rgb_image
+from .limits import (MAX_REFERENCE_ASPECT, MAX_TARGET_SIDE, MIN_TARGET_SIDE, SIZE_MULTIPLE, reference_size,
+                     validate_target_size)
 
-# Target sizes the model card and the API document (spec §4).
-MIN_TARGET_SIDE = 512
-MAX_TARGET_SIDE = 2048
-SIZE_MULTIPLE = 32  # one AR token per 32×32 pixels; the DiT needs H/8 even and = 2×grid (spec §4)
-# smart_resize refuses references more elongated than this (spec §1.3 step 1).
-MAX_REFERENCE_ASPECT = 4.0
 # A reference upscaled more than this per side is used, with a warning (a 16x16 thumbnail becomes 512x512).
 MAX_SILENT_UPSCALE = 4.0
 log = logging.getLogger("glm_core")
@@ -62,41 +58,6 @@ def get_target_shape(height: int, width: int) -> tuple[int, int, int, int]:
     preview_h = int(math.sqrt(ratio) * preview_side)
     preview_w = int(math.sqrt(1 / ratio) * preview_side)
     return token_h, token_w, preview_h, preview_w
-
-
-def _nearest_valid(value: int, lo: int, hi: int) -> list[int]:
-    below = min(hi, max(lo, value // SIZE_MULTIPLE * SIZE_MULTIPLE))
-    above = min(hi, max(lo, -(-value // SIZE_MULTIPLE) * SIZE_MULTIPLE))
-    return sorted({below, above})
-
-
-def validate_target_size(height, width, *, min_side: int = MIN_TARGET_SIDE,
-                         max_side: int = MAX_TARGET_SIDE) -> None:
-    """ValueError unless both sides are multiples of 32 within [min_side, max_side] (spec §4).
-
-    The defaults are the documented 512–2048 range; tiny test models may pass a smaller min_side.
-    """
-    wrong_types = [f"{name} must be an integer number of pixels, got {value!r}"
-                   for name, value in (("width", width), ("height", height))
-                   if isinstance(value, bool) or not isinstance(value, (int, np.integer))]
-    if wrong_types:
-        raise TypeError("; ".join(wrong_types))
-    messages = []
-    for name, value in (("width", width), ("height", height)):
-        value = int(value)
-        problems = []
-        if value % SIZE_MULTIPLE:
-            problems.append(f"is not a multiple of {SIZE_MULTIPLE}")
-        if value < min_side:
-            problems.append(f"is below the minimum {min_side}")
-        if value > max_side:
-            problems.append(f"is above the maximum {max_side}")
-        if problems:
-            nearest = " or ".join(str(v) for v in _nearest_valid(value, min_side, max_side))
-            messages.append(f"{name} {value} {' and '.join(problems)} (nearest valid {name}: {nearest})")
-    if messages:
-        raise ValueError(f"{'; '.join(messages)}. GLM-Image needs multiples of {SIZE_MULTIPLE} between {min_side} "
-                         f"and {max_side} pixels per side")
 
 
 def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 512 * 512,
@@ -130,30 +91,6 @@ def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 51
 
 # --------------------------------------------------------------------------------------------
 # Reference images
-
-
-def reference_size(height: int, width: int, *, min_side: int = MIN_TARGET_SIDE,
-                   max_side: int = MAX_TARGET_SIDE) -> tuple[int, int]:
-    """(H, W) that `adjust_reference_size` resizes an H×W image to (spec §4).
-
-    Scale so the short side ≥ min_side and the long side ≤ max_side (no scaling if it already
-    fits), then round each side to the nearest multiple of 32. Already-valid sizes are unchanged.
-    """
-    aspect = max(height, width) / min(height, width)
-    if aspect > MAX_REFERENCE_ASPECT:
-        raise ValueError(f"reference image {width}x{height} (WxH) has aspect ratio {aspect:.3f}, "
-                         f"above the limit {MAX_REFERENCE_ASPECT:g}; crop it first")
-    scale = 1.0
-    if min(height, width) < min_side:
-        scale = min_side / min(height, width)
-    if max(height, width) * scale > max_side:
-        scale = max_side / max(height, width)
-
-    def side(value: float) -> int:
-        rounded = int(round(value * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE
-        return min(max_side, max(min_side, rounded))
-
-    return side(height), side(width)
 
 
 def adjust_reference_size(image, *, min_side: int = MIN_TARGET_SIDE,

@@ -72,6 +72,9 @@ def save_tokens(tokens: PriorTokens, path) -> Path:
     Written to a temporary file in the same folder, then renamed: an existing file is replaced whole or
     not at all."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot save the tokens to {path}: it is a folder; give a file name such as "
+                         f"{path / 'tokens.safetensors'}")
     meta = {"format": TOKENS_FORMAT, "height": tokens.height, "width": tokens.width,
             "reference_sizes": [list(s) for s in tokens.reference_sizes], "seeds": list(tokens.seeds)}
     path.parent.mkdir(parents=True, exist_ok=True)

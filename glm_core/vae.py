@@ -29,6 +29,8 @@ VAE_COMPONENT = "vae"
 class VaeNumericsError(ValueError):
     """The VAE produced NaN/inf, typically fp16 overflow in the decoder's large activations."""
 
+    __module__ = "glm_core"  # a short name in ComfyUI's error report (see CheckpointError)
+
 
 @dataclass(frozen=True)
 class VAEConfig:

@@ -81,6 +81,7 @@ class GlmImageSaveTokens:
         while (path := prefix.with_name(f"{prefix.name}_{counter:05}_{TOKENS_SUFFIX}")).exists():
             counter += 1
         save_tokens(tokens, path)
+        # The name as Load Tokens lists it; web/token_files.js shows it on this node and offers it to Load Tokens.
         return {"ui": {"text": [path.relative_to(output.resolve()).as_posix() + OUTPUT_ANNOTATION]}}
 
 
@@ -103,7 +104,18 @@ class GlmImageLoadTokens:
         }
 
     @classmethod
-    def IS_CHANGED(cls, tokens_file):
+    def VALIDATE_INPUTS(cls, tokens_file):
+        # Naming tokens_file here makes ComfyUI check it with this function instead of against the list it sent
+        # the page: a file saved after the page loaded (or deeper than the list goes) is accepted, and a missing
+        # one is refused at queue time with our message rather than "Value not in list".
+        try:
+            resolve_token_file(tokens_file)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, tokens_file=""):  # the page sends no value while the list is empty
         try:
             return f"{tokens_file}:{resolve_token_file(tokens_file).stat().st_mtime_ns}"
         except (ValueError, OSError):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, _read_json
+from ..limits import check_sampling
 
 
 @dataclass(frozen=True)
@@ -80,15 +81,7 @@ class Sampling:
 
     def validate(self) -> Sampling:
         """Itself, or ValueError naming every bad setting."""
-        problems = []
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            problems.append(f"temperature must be > 0 (got {self.temperature!r})")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p!r}; 1 turns it off)")
-        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
-            problems.append(f"top_k must be an integer >= 0 (got {self.top_k!r}; 0 turns it off)")
-        if problems:
-            raise ValueError("bad sampling settings: " + "; ".join(problems))
+        check_sampling(self.temperature, self.top_p, self.top_k)
         return self
 
 

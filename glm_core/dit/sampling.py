@@ -37,10 +37,13 @@ class DiTConditioning:
 
 def initial_noise(batch: int, channels: int, latent_height: int, latent_width: int, seed: int,
                   device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(B, C, h, w) Gaussian noise drawn in the model dtype on `device`, like the reference (spec §6.17)."""
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.randn((batch, channels, latent_height, latent_width), generator=generator, device=device,
-                       dtype=dtype)
+    """(B, C, h, w) Gaussian noise drawn in the model dtype on `device`, like the reference (spec §6.17).
+
+    Item i is drawn from seed + i on its own, as the AR seeds its batch, so that batch item i is the image a
+    single run with seed + i makes (the reference draws one tensor for the batch; item 0 is the same)."""
+    return torch.cat([torch.randn((1, channels, latent_height, latent_width),
+                                  generator=torch.Generator(device=device).manual_seed(int(seed) + i),
+                                  device=device, dtype=dtype) for i in range(batch)])
 
 
 def uses_guidance(guidance: float) -> bool:

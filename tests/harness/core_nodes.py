@@ -3,6 +3,10 @@
 LoadImage, SaveImage and PreviewImage follow their documented contract (inputs, outputs, widget options,
 IMAGE = (B, H, W, 3) float32 in [0, 1]); Note and MarkdownNote exist only in the frontend and never reach
 the backend, so they are listed as UI-only types.
+
+The contract depends on the ComfyUI release: since 0.26.0 SaveImage and PreviewImage also pass their images on
+through an `IMAGE` output. `core_node_class_mappings(version)` gives the stand-ins of a release; the default is
+the oldest release the shipped workflows are written for (WORKFLOW_CORE_VERSION), whose saved files load in both.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import PIL.Image
 import torch
 
 UI_ONLY_TYPES = ("Note", "MarkdownNote")
+WORKFLOW_CORE_VERSION = (0, 3, 64)
+# ComfyUI commit b0f9e326 "Add output socket to save nodes (#13866)", first released in 0.26.0.
+SAVE_NODES_OUTPUT_IMAGES_SINCE = (0, 26, 0)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -92,7 +99,37 @@ class PreviewImage:
         return {"ui": {"images": _save_images(images, "ComfyUI_temp", "temp")}}
 
 
-CORE_NODE_CLASS_MAPPINGS = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+class SaveImagePassingImages(SaveImage):
+    """SaveImage from ComfyUI 0.26.0 on: the saved images also leave through an IMAGE output."""
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        return {**super().save_images(images, filename_prefix, prompt, extra_pnginfo), "result": (images,)}
+
+
+class PreviewImagePassingImages(PreviewImage):
+    """PreviewImage from ComfyUI 0.26.0 on (see SaveImagePassingImages)."""
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+
+    def save_images(self, images, prompt=None, extra_pnginfo=None):
+        return {**super().save_images(images, prompt, extra_pnginfo), "result": (images,)}
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """"0.33.0" -> (0, 33, 0), as /system_stats reports comfyui_version."""
+    return tuple(int(part) for part in text.split("."))
+
+
+def core_node_class_mappings(comfyui_version: tuple[int, ...] = WORKFLOW_CORE_VERSION) -> dict:
+    """The core-node stand-ins as the given ComfyUI release defines them."""
+    if comfyui_version >= SAVE_NODES_OUTPUT_IMAGES_SINCE:
+        return {"LoadImage": LoadImage, "SaveImage": SaveImagePassingImages, "PreviewImage": PreviewImagePassingImages}
+    return {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+
+
+CORE_NODE_CLASS_MAPPINGS = core_node_class_mappings()
 CORE_DISPLAY_NAMES = {"LoadImage": "Load Image", "SaveImage": "Save Image", "PreviewImage": "Preview Image"}
 
 
@@ -117,22 +154,22 @@ def node_info(name: str, node_class, display_name: str | None, python_module: st
     return info
 
 
-def object_info(pack) -> dict:
+def object_info(pack, comfyui_version: tuple[int, ...] = WORKFLOW_CORE_VERSION) -> dict:
     """`/object_info` for the pack's nodes plus the core nodes above (a JSON-able dict)."""
     from .loader import as_in_comfyui
 
     with as_in_comfyui():
-        return _object_info(pack)
+        return _object_info(pack, comfyui_version)
 
 
-def _object_info(pack) -> dict:
+def _object_info(pack, comfyui_version) -> dict:
     out = {name: node_info(name, cls, CORE_DISPLAY_NAMES.get(name), "nodes")
-           for name, cls in CORE_NODE_CLASS_MAPPINGS.items()}
+           for name, cls in core_node_class_mappings(comfyui_version).items()}
     for name, cls in pack.node_class_mappings.items():
         out[name] = node_info(name, cls, pack.display_name_mappings.get(name), pack.python_module)
     return out
 
 
-def class_mappings(pack) -> dict:
+def class_mappings(pack, comfyui_version: tuple[int, ...] = WORKFLOW_CORE_VERSION) -> dict:
     """Everything the executor can run: core stand-ins plus the pack's nodes."""
-    return {**CORE_NODE_CLASS_MAPPINGS, **pack.node_class_mappings}
+    return {**core_node_class_mappings(comfyui_version), **pack.node_class_mappings}

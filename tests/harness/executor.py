@@ -29,6 +29,18 @@ class RunResult:
     error: BaseException | None = None
     error_node: str | None = None
 
+    @property
+    def exception_type(self) -> str | None:
+        """The error's type as the server's `execution_error` message names it."""
+        return None if self.error is None else reported_type_name(type(self.error))
+
+
+def reported_type_name(exception_class: type) -> str:
+    """ComfyUI's name for an exception class in its error reports: `<module>.<qualname>`, the bare qualname for
+    builtins. Inside ComfyUI a custom node's module name starts with the pack folder's absolute path."""
+    module = exception_class.__module__
+    return exception_class.__qualname__ if module == "builtins" else f"{module}.{exception_class.__qualname__}"
+
 
 class Executor:
     """One "server": keeps node instances and the output cache between prompts, like ComfyUI does."""

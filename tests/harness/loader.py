@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What ComfyUI-Manager / the registry zip puts in the pack folder that the pack's code can reach.
-PACK_CONTENT = ("__init__.py", "nodes", "glm_core", "workflows", "pyproject.toml", "requirements.txt")
+PACK_CONTENT = ("__init__.py", "nodes", "glm_core", "web", "workflows", "pyproject.toml", "requirements.txt")
 
 
 # Top-level packages of this repository that exist on sys.path in tests but not inside ComfyUI, where the pack
@@ -103,6 +103,10 @@ def load_pack(folder: Path) -> LoadedPack:
         raise PackLoadError(f"{folder} exports comfy_entrypoint; this pack uses the V1 contract only")
     if not mappings:
         raise PackLoadError(f"{folder} registers no nodes (NODE_CLASS_MAPPINGS is {mappings!r})")
+    web_directory = getattr(module, "WEB_DIRECTORY", None)
+    if web_directory is not None and not list((folder / web_directory).glob("*.js")):
+        # ComfyUI serves WEB_DIRECTORY's .js files to the frontend only if the folder exists: no error, no script.
+        raise PackLoadError(f"{folder}: WEB_DIRECTORY {web_directory!r} holds no .js files")
     display = dict(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None) or {})
     return LoadedPack(folder=folder, module_name=module_name, module=module, node_class_mappings=dict(mappings),
                       display_name_mappings=display, python_module=f"custom_nodes.{folder.name}")

@@ -7,6 +7,7 @@ the server's validation error types), not from ComfyUI code.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from .core_nodes import UI_ONLY_TYPES
@@ -251,8 +252,12 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
 # --- API format ----------------------------------------------------------------------------------------
 
-def validate_prompt(prompt: dict, object_info: dict) -> list[dict]:
-    """What the server's /prompt validation would report, as {node_id, type, details} dicts."""
+def validate_prompt(prompt: dict, object_info: dict, class_mappings: dict | None = None) -> list[dict]:
+    """What the server's /prompt validation would report, as {node_id, type, details} dicts.
+
+    With the node classes (`class_mappings`), a node's VALIDATE_INPUTS runs as on the server: the inputs it
+    names skip the type, range and combo-list checks and are judged by it instead (True, or a message that
+    becomes a custom_validation_failed error)."""
     errors = []
     outputs = [node_id for node_id, node in prompt.items()
                if object_info.get(node.get("class_type"), {}).get("output_node")]
@@ -264,6 +269,7 @@ def validate_prompt(prompt: dict, object_info: dict) -> list[dict]:
             errors.append({"node_id": node_id, "type": "invalid_prompt",
                            "details": f"class_type {node.get('class_type')!r} is not a registered node"})
             continue
+        custom = _custom_validation(class_mappings, node)
         for spec in input_specs(info):
             if spec.name not in node["inputs"]:
                 if spec.required:
@@ -273,13 +279,43 @@ def validate_prompt(prompt: dict, object_info: dict) -> list[dict]:
             if isinstance(value, list):
                 errors += _link_errors(prompt, object_info, node_id, spec, value)
                 continue
+            if custom and spec.name in custom.inputs:
+                continue
             value = _coerce(spec, value)
             problem = value_error(spec, value) if value is not None else (
                 f"invalid_input_type: {spec.name}: cannot convert to {spec.type}")
             if problem:
                 kind, _, details = problem.partition(": ")
                 errors.append({"node_id": node_id, "type": kind, "details": details})
+        if custom:
+            errors += custom.run(node_id, node)
     return errors
+
+
+@dataclass
+class _CustomValidation:
+    """A node class's VALIDATE_INPUTS and the input names it takes."""
+    function: object
+    inputs: list
+
+    def run(self, node_id: str, node: dict) -> list[dict]:
+        from .loader import as_in_comfyui  # the pack's code runs where only its relative imports work
+
+        constants = {name: value for name, value in node["inputs"].items()
+                     if name in self.inputs and not isinstance(value, list)}
+        with as_in_comfyui():
+            verdict = self.function(**constants)
+        if verdict is True:
+            return []
+        return [{"node_id": node_id, "type": "custom_validation_failed",
+                 "details": ", ".join(constants) + ("" if verdict is False else f" - {verdict}")}]
+
+
+def _custom_validation(class_mappings: dict | None, node: dict) -> _CustomValidation | None:
+    function = getattr((class_mappings or {}).get(node.get("class_type")), "VALIDATE_INPUTS", None)
+    if function is None:
+        return None
+    return _CustomValidation(function, [name for name in inspect.signature(function).parameters])
 
 
 def _coerce(spec: InputSpec, value):

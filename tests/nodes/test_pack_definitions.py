@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PackLoadError, copy_pack, input_specs, load_pack
+from tests.harness import PackLoadError, copy_pack, input_specs, load_pack, reported_type_name
+from tests.harness.loader import as_in_comfyui
 from tests.harness.core_nodes import node_info
 
 from tests.nodes.comfy_files import models_dir
@@ -170,3 +173,51 @@ def test_stubs_fail_loudly_on_unmodelled_comfyui_apis(comfy):
         model_management.get_free_memory()
     assert comfy.violations == ["comfy.model_management.get_free_memory"]
     comfy.violations.clear()
+
+
+def _exception_class_definitions() -> list[tuple[tuple[str, ...], str]]:
+    """(module path inside the pack, class name) of every class in the pack sources that derives from a name
+    ending in Error / Exception (the AST finds them without importing anything)."""
+    found = []
+    for path in PACK_SOURCES[1:]:
+        relative = path.relative_to(REPO_ROOT).with_suffix("")
+        module_parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and any(
+                    (getattr(base, "id", None) or getattr(base, "attr", "")).endswith(("Error", "Exception"))
+                    for base in node.bases):
+                found.append((module_parts, node.name))
+    return found
+
+
+def test_error_types_read_short_in_comfyui_reports(pack, comfy):
+    """ComfyUI names an exception by its module + class in the error report; for a class defined in the pack
+    that would be '<absolute path>/custom_nodes/<folder>.glm_core.checkpoint.CheckpointError'. Each of the
+    pack's exception classes reports a short public module instead."""
+    definitions = _exception_class_definitions()
+    assert ("glm_core", "checkpoint") in {parts for parts, _ in definitions}  # the scan finds them
+    reported = {}
+    with as_in_comfyui():
+        for module_parts, class_name in definitions:
+            module = importlib.import_module(".".join((pack.module_name, *module_parts)))
+            exception_class = getattr(module, class_name)
+            assert issubclass(exception_class, BaseException), (module_parts, class_name)
+            reported[class_name] = reported_type_name(exception_class)
+    long_names = {name: shown for name, shown in reported.items()
+                  if shown.startswith(pack.module_name) or "/" in shown or shown.count(".") > 1}
+    assert long_names == {}, "set __module__ to the short public package name, e.g. 'glm_core'"
+    assert reported["CheckpointError"] == "glm_core.CheckpointError"
+
+
+def test_frontend_script_names_what_the_pack_defines(pack, comfy):
+    """web/token_files.js finds the nodes, the input and the UI output by name; a rename on either side would
+    silently switch it off."""
+    script = (REPO_ROOT / "web" / "token_files.js").read_text()
+    constants = dict(re.findall(r'const (\w+) = "([^"]+)";', script))
+    assert constants["SAVE_TOKENS"] in pack.node_class_mappings
+    assert constants["LOAD_TOKENS"] in pack.node_class_mappings
+    load_tokens = pack.node_class_mappings[constants["LOAD_TOKENS"]]
+    assert constants["TOKENS_FILE_INPUT"] in load_tokens.INPUT_TYPES()["required"]
+    assert "output?.text?.[0]" in script  # Save Tokens returns {"ui": {"text": [name]}}
+    assert 'import { app } from "../../scripts/app.js";' in script  # the public entry point, 1.27 to 1.58
+    assert pack.module.WEB_DIRECTORY == "./web"

@@ -65,7 +65,7 @@ def test_registry_zip_ships_the_pack_and_leaves_tests_out(clean_clone):
     assert done.returncode == 0, done.stdout + done.stderr
     names = zipfile.ZipFile(clean_clone / "node.zip").namelist()
     tops = {name.split("/")[0] for name in names}
-    assert {"__init__.py", "nodes", "glm_core", "workflows", "requirements.txt", "pyproject.toml"} <= tops
+    assert {"__init__.py", "nodes", "glm_core", "web", "workflows", "requirements.txt", "pyproject.toml"} <= tops
     assert not tops & {"tests", "bench", ".ci", ".github"}, sorted(tops)
     shipped = {name for name in names if name.startswith("workflows/")}
     assert {f"workflows/{stem}.{ext}" for stem in ("text_to_image", "image_edit", "multi_subject", "token_reuse")

@@ -254,6 +254,26 @@ def test_tokens_from_another_resolution_give_a_clear_error(server):
     assert server.run(prompt).status == "success"
 
 
+def test_load_tokens_accepts_a_file_saved_after_the_page_loaded(server):
+    """The page's Load Tokens list is the /object_info it read when it opened; a file saved later is still
+    accepted when queued (VALIDATE_INPUTS judges the name), and the next /object_info lists it."""
+    page_info = server.info()
+    prompt = shipped_prompt(server, "text_to_image.json")
+    saved = server.run(with_save_tokens(prompt, "tok/after_page_load"))
+    assert saved.status == "success", saved.error
+    (name,) = saved.ui["90"]["text"]
+    assert name not in page_info["GLMImageLoadTokens"]["input"]["required"]["tokens_file"][0]
+    reloaded = with_loaded_tokens(prompt, name)
+    assert validate_prompt(reloaded, page_info, server.executor.class_mappings) == []
+    assert name in server.info()["GLMImageLoadTokens"]["input"]["required"]["tokens_file"][0]
+
+    missing = with_loaded_tokens(prompt, "tok/never_saved.glm_tokens.safetensors [output]")
+    (error,) = validate_prompt(missing, server.info(), server.executor.class_mappings)
+    assert error["node_id"] == AR and error["type"] == "custom_validation_failed"
+    assert error["details"].startswith("tokens_file - GLM-Image tokens file not found") and \
+        "Save Tokens" in error["details"]
+
+
 def test_load_tokens_rejects_foreign_missing_and_outside_files(server, comfy):
     prompt = shipped_prompt(server, "text_to_image.json")
     (comfy.directories["input"] / "junk.glm_tokens.safetensors").write_bytes(b"not a safetensors file")
@@ -297,6 +317,42 @@ def test_missing_model_folder(server):
     assert result.status == "error" and result.error_node == LOADER
     message = str(result.error)
     assert "GLM-Image-typo" in message and "models/glm_image" in message and "extra_model_paths.yaml" in message
+
+
+def broken_model_folder(comfy) -> str:
+    """A folder that passes the loader's listing (a GLM-Image model_index.json) but holds no components."""
+    folder = Path(comfy.modules["folder_paths"].models_dir) / "glm_image" / "GLM-Image-incomplete"
+    folder.mkdir(exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "GlmImagePipeline"}))
+    return folder.name
+
+
+ERROR_CASES = {  # name -> (change to text_to_image, node that fails, type ComfyUI reports, words of the message)
+    "model folder missing": (lambda prompt, comfy: prompt[LOADER]["inputs"].update(model_folder="GLM-Image-typo"),
+                             LOADER, "ValueError", "GLM-Image-typo"),
+    "checkpoint incomplete": (lambda prompt, comfy: prompt[LOADER]["inputs"].update(
+        model_folder=broken_model_folder(comfy)), LOADER, "glm_core.CheckpointError", "component folder missing"),
+    "tokens file missing": (lambda prompt, comfy: prompt.update(with_loaded_tokens(
+        prompt, "tok/gone.glm_tokens.safetensors [output]")), AR, "ValueError", "tokens file not found"),
+    "size not a multiple of 32": (lambda prompt, comfy: prompt[ENCODE]["inputs"].update(width=1000),
+                                  ENCODE, "ValueError", "32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_node_errors_report_a_short_type_and_the_next_prompt_runs(server, comfy, case):
+    """What ComfyUI's error panel shows: the type as `execution_error` names it (module + class), never the
+    pack's path-made module name; then the same "server" runs the next prompt."""
+    change, node, reported_type, words = ERROR_CASES[case]
+    prompt = shipped_prompt(server, "text_to_image.json")
+    change(prompt, comfy)
+    result = server.run(prompt)
+    assert result.status == "error" and result.error_node == node, result.error
+    assert result.exception_type == reported_type and words in str(result.error)
+    assert reported_type not in str(result.error)  # the panel prints "type: message"; the type once
+
+    after = server.run(shipped_prompt(server, "text_to_image.json"))
+    assert after.status == "success", after.error
 
 
 # --- ComfyUI's model management: our stages as loaded models it can evict ---------------------------------

@@ -9,7 +9,8 @@ import tomllib
 
 import pytest
 
-from tests.harness import ui_to_api, validate_prompt, validate_ui_workflow
+from tests.harness import object_info, ui_to_api, validate_prompt, validate_ui_workflow
+from tests.harness.workflow_builder import SAFE_CANVAS_BOX
 from tests.nodes.pack_facts import (DEFAULT_MODEL_FOLDER, REPO_ROOT, SHIPPED_WORKFLOWS, WORKFLOWS_DIR,
                                      comfy_cli_executable)
 
@@ -66,6 +67,39 @@ def test_shipped_workflow_layout_has_no_overlapping_nodes(name):
         for id_b, *b in boxes[i + 1:]:
             overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
             assert not overlap, f"{name}: nodes {id_a} and {id_b} overlap"
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_shipped_workflow_also_validates_against_newer_core_nodes(pack, comfy, fake_model_folder,
+                                                                  reference_images, name):
+    """Since ComfyUI 0.26 SaveImage and PreviewImage have an IMAGE output; our files (written for 0.3.64, where
+    they have none) still load and convert there."""
+    newer = object_info(pack, (0, 33, 0))
+    assert newer["SaveImage"]["output"] == ["IMAGE"]
+    workflow = load(name)
+    assert validate_ui_workflow(workflow, newer) == []
+    assert validate_prompt(ui_to_api(workflow, newer), newer) == []
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_shipped_workflow_fits_the_window_at_its_saved_view(name):
+    """At `extra.ds` every node (title bar included) and group lands inside the part of a 1600x1000 window that
+    every checked frontend leaves free (the frontend check in test_real_comfyui.py measures the real thing)."""
+    workflow = load(name)
+    scale, (offset_x, offset_y) = workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"]
+    boxes = {f"node {node['id']}": (node["pos"][0], node["pos"][1] - NODE_TITLE_HEIGHT,
+                                    node["pos"][0] + node["size"][0], node["pos"][1] + node["size"][1])
+             for node in workflow["nodes"]}
+    boxes.update({f"group {group['title']}": (group["bounding"][0], group["bounding"][1],
+                                              group["bounding"][0] + group["bounding"][2],
+                                              group["bounding"][1] + group["bounding"][3])
+                  for group in workflow["groups"]})
+    left, top, right, bottom = SAFE_CANVAS_BOX
+    outside = {label: [round((x + offset_x) * scale), round((y + offset_y) * scale)] for label, box in boxes.items()
+               for x, y in ((box[0], box[1]), (box[2], box[3]))
+               if not (left <= (x + offset_x) * scale <= right and top <= (y + offset_y) * scale <= bottom)}
+    assert outside == {}
+    assert scale >= 0.65  # node text stays readable
 
 
 def test_workflow_shapes_match_their_purpose():
