@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 class UsageError(ValueError):
     """A bad command line, found before anything was loaded."""
 
+    __module__ = "glm_core"
+
 
 def writable_file(option: str, path: Path, example: str) -> None:
     """UsageError unless `path` can be created or replaced as a file (checked before a run that ends by writing it)."""

@@ -21,6 +21,8 @@ FIT_OPTIONS = ("load the weights as FP8 (weights='fp8') and/or run one stage at 
 class NotEnoughGpuMemory(torch.OutOfMemoryError):
     """A GPU allocation failed; the message says how much was needed, how much was free, and what to change."""
 
+    __module__ = "glm_core"  # ComfyUI shows module + class; inside ComfyUI the real module name is a long path
+
 
 def gpu_memory(device) -> tuple[int, int] | None:
     """(free, total) bytes on a CUDA device as the driver reports them, or None for other devices."""

@@ -9,6 +9,7 @@ Every call is recorded in `ComfyStubs.calls` as (module, function, args) for the
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import sys
 import types
@@ -233,6 +234,16 @@ class ComfyStubs:
             for patcher in stubs.loaded_patchers():
                 stubs.evict(patcher, 1e30)
 
+        class VRAMState(enum.Enum):  # ComfyUI's, set from --lowvram / --highvram / ... at start-up
+            DISABLED = 0
+            NO_VRAM = 1
+            LOW_VRAM = 2
+            NORMAL_VRAM = 3
+            HIGH_VRAM = 4
+            SHARED = 5
+
+        module.VRAMState = VRAMState
+        module.vram_state = VRAMState.NORMAL_VRAM
         for function in (get_torch_device, free_memory, soft_empty_cache, interrupt_current_processing,
                          processing_interrupted, throw_exception_if_processing_interrupted, unet_offload_device,
                          load_models_gpu, loaded_models, unload_all_models):

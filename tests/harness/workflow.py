@@ -104,6 +104,12 @@ def match_widgets(node: dict, info: dict) -> UiNodeWidgets:
         result.values = {spec.name: stored[spec.name] for spec in widgets if spec.name in stored}
         return result
     expected = sum(1 + spec.extra_widget_values for spec in widgets)
+    # A workflow saved before the node gained optional widgets at the end stores fewer values: the frontend keeps
+    # those widgets' defaults (and queues them), so the file still loads.
+    while len(stored) < expected and widgets and not widgets[-1].required and not widgets[-1].extra_widget_values:
+        missing = widgets.pop()
+        result.values[missing.name] = missing.options.get("default", (missing.combo_options or [None])[0])
+        expected -= 1
     if len(stored) != expected:
         result.errors.append(f"widgets_values has {len(stored)} entries, the definition needs {expected} "
                              f"({', '.join(spec.name for spec in widgets)} + control/upload values)")

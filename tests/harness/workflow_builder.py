@@ -30,7 +30,7 @@ NOTE_COLORS = {"color": "#432", "bgcolor": "#653"}
 DEFAULT_MODEL_FOLDER = "GLM-Image"
 
 SIZES = {  # default node sizes: at least what the frontends compute for these widgets (they grow smaller ones)
-    "GLMImageLoader": (400, 82), "GLMImageEncode": (400, 300), "GLMImageGenerateTokens": (330, 226),
+    "GLMImageLoader": (400, 130), "GLMImageEncode": (400, 300), "GLMImageGenerateTokens": (330, 226),
     "GLMImageDiTDecode": (330, 170), "GLMImageSaveTokens": (330, 58), "GLMImagePreviewTokens": (250, 26),
     "LoadImage": (330, 326), "SaveImage": (380, 430), "PreviewImage": (330, 300),
 }
@@ -172,8 +172,8 @@ REFERENCE_PITCH = 360  # LoadImage is at least 326 high in every frontend checke
 def _core_graph(prompt: str, references: list[str], ar_seed_mode: str, save_prefix: str, save_size=None):
     """Loader -> Encode (+ LoadImage references) -> AR -> Preview Tokens and DiT -> Save, ids 2..9 (+10.. refs)."""
     nodes = [
-        Node(2, "GLMImageLoader", (COLUMN_X["prompt"], TOP), [DEFAULT_MODEL_FOLDER, "bf16"]),
-        Node(3, "GLMImageEncode", (COLUMN_X["prompt"], TOP + 130), [prompt, 1024, 1024], inputs={"model": (2, 0)}),
+        Node(2, "GLMImageLoader", (COLUMN_X["prompt"], TOP), [DEFAULT_MODEL_FOLDER, "bf16", "auto", "auto"]),
+        Node(3, "GLMImageEncode", (COLUMN_X["prompt"], TOP + 180), [prompt, 1024, 1024], inputs={"model": (2, 0)}),
         Node(4, "GLMImageGenerateTokens", (COLUMN_X["ar"], TOP), [42, ar_seed_mode, 0.9, 0.75, 50, 1],
              inputs={"model": (2, 0), "cond": (3, 0)}),
         Node(5, "GLMImagePreviewTokens", (COLUMN_X["ar"], TOP + 280), inputs={"tokens": (4, 0)}),
@@ -220,7 +220,7 @@ def shipped_workflows(info: dict) -> dict[str, dict]:
         "The cat from the first image and the dog from the second image sitting side by side on a red velvet "
         "sofa in a sunny living room, the hat from the third image on the dog's head, photorealistic",
         ["subject_1.png", "subject_2.png", "subject_3.png"], "randomize", "GLM-Image/multi_subject")
-    multi.append(_note(1, (COLUMN_X["prompt"], TOP + 490), "Multi-subject", "\n\n".join([
+    multi.append(_note(1, (COLUMN_X["prompt"], TOP + 540), "Multi-subject", "\n\n".join([
         "## GLM-Image: combine subjects",
         "Each **Reference** is one subject; refer to them in the prompt by order (\"the first image\", ...). "
         "Up to four reference inputs; a batch of images in one input counts as several references. Every "

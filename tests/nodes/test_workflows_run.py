@@ -12,6 +12,7 @@ import gc
 import json
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import PIL.Image
 import pytest

@@ -46,6 +46,22 @@ def test_shipped_workflow_validates(ready, name):
     assert not any(node["class_type"] in ("Note", "MarkdownNote") for node in prompt.values())
 
 
+def test_a_workflow_saved_before_the_loader_options_still_loads(ready):
+    """Workflows saved before Load GLM-Image gained its optional `weights` and `placement` widgets store two values
+    for it: they load with those widgets at their defaults, and queue the same model otherwise."""
+    workflow = load("text_to_image.json")
+    loader = next(node for node in workflow["nodes"] if node["type"] == "GLMImageLoader")
+    loader["widgets_values"] = loader["widgets_values"][:2]
+    assert validate_ui_workflow(workflow, ready) == []
+    prompt = ui_to_api(workflow, ready)
+    assert validate_prompt(prompt, ready) == []
+    inputs = prompt[str(loader["id"])]["inputs"]
+    assert (inputs["weights"], inputs["placement"]) == ("auto", "auto")
+    assert inputs["model_folder"] == DEFAULT_MODEL_FOLDER and inputs["dtype"] == "bf16"
+    loader["widgets_values"] = loader["widgets_values"][:1]  # a required widget missing is still an error
+    assert validate_ui_workflow(workflow, ready) != []
+
+
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_shipped_workflow_metadata_and_notes(name):
     workflow = load(name)
