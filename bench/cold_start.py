@@ -65,7 +65,7 @@ def phase_cold(b, clock: Deadline) -> None:
     """Both fresh processes (this process holds no GPU memory while they run)."""
     b.close_session()
     nbytes, seconds = read_into_page_cache(b.folder)
-    b.record("ours", "page_cache_read_s", seconds, {"bytes": nbytes})
+    b.record("ours", "page_cache_read_s", seconds, {"bytes": nbytes, "gpu_gb_held_by_this_process": b.allocated()})
     device = b.args.device or ("cpu" if b.device.type == "cpu" else None)
     with tempfile.TemporaryDirectory(prefix="glm_bench_cold_") as scratch:
         scratch = Path(scratch)

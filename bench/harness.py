@@ -160,6 +160,26 @@ def time_once(fn: Callable[[], object], device: torch.device, *, wall: bool = Fa
     return time.perf_counter() - t0
 
 
+class Laps:
+    """The parts of one whole run on the same clock as `time_once(wall=True)`: `lap()` synchronises and returns
+    the seconds since the previous lap (or the start); `total` is the sum so far."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        synchronize(device)
+        self.start = self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        synchronize(self.device)
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start
+
+
 def measure(run: Callable[[object], object], *, device: torch.device, setup: Callable[[], object] | None = None,
             warmup: int = 1, reps: int = 5, max_s: float | None = None,
             deadline: Deadline | None = None, wall: bool = False) -> Timing:

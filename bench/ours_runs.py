@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from bench import workloads
-from bench.harness import Deadline, log, measure, synchronize
+from bench.harness import Deadline, Laps, log, measure
 from glm_core.compiling import compile_seconds
 
 
@@ -63,19 +62,15 @@ class OursSession:
 
         width, height = size
         compiled_before = compile_seconds()
-        synchronize(self.device)
-        start = time.perf_counter()
+        laps = Laps(self.device)
         if self.model is None:
             self.open()
         cond = encode_prompt(self.model, prompt, width, height, references)
-        synchronize(self.device)
-        encoded = time.perf_counter()
+        encode_s = laps.lap()
         tokens = generate_tokens(self.model, cond, seed=seed, batch_size=batch)
-        synchronize(self.device)
-        sampled = time.perf_counter()
+        ar_s = laps.lap()
         images = decode(self.model, cond, tokens, steps=steps, guidance=guidance, seed=seed)
-        synchronize(self.device)
-        end = time.perf_counter()
+        decode_s = laps.lap()
         if tuple(images.shape) != (batch, height, width, 3) or not bool(torch.isfinite(images).all()):
             raise RuntimeError(f"decode returned {tuple(images.shape)} (finite: {bool(torch.isfinite(images).all())}),"
                                f" expected ({batch}, {height}, {width}, 3)")
@@ -83,7 +78,7 @@ class OursSession:
         ar_tokens = grid_h * grid_w + 1 + (0 if references else preview_h * preview_w)
         compiled_after = compile_seconds()
         compile_s = None if None in (compiled_before, compiled_after) else compiled_after - compiled_before
-        run = ImageRun(end - start, encoded - start, sampled - encoded, end - sampled, ar_tokens, compile_s)
+        run = ImageRun(laps.total, encode_s, ar_s, decode_s, ar_tokens, compile_s)
         if self.first_image_s is None:
             self.first_image_s = run.total_s
         self.last_tokens = tokens

@@ -37,12 +37,13 @@ class CompileCounter(logging.Handler):
 
     @property
     def reasons(self) -> list[str]:
-        """Per recompile: the function, then its first failed guard."""
+        """Per recompile: the function, then the guard each of its cached graphs failed ("graph/entry: guard")."""
         out = []
         for message in self.messages:
             lines = [line.strip() for line in message.splitlines()]
-            guard = next((line[2:] for line in lines if line.startswith("- ")), "")
-            out.append(f"{lines[0]}: {' '.join(guard.split())}")
+            guards = [" ".join(line[2:].split("#")[0].split()) for line in lines
+                      if line.startswith("- ") and line[2:3].isdigit()]
+            out.append(f"{lines[0]}: " + " | ".join(guards))
         return out
 
     def __enter__(self) -> "CompileCounter":

@@ -19,12 +19,11 @@ folded into it before the DiT sees them (else an index error kills the CUDA cont
 from __future__ import annotations
 
 import gc
-import time
 
 import torch
 
 from bench import workloads
-from bench.harness import Deadline, log, synchronize
+from bench.harness import Deadline, Laps, log
 
 
 class TimedGenerate:
@@ -37,38 +36,36 @@ class TimedGenerate:
 
     def __call__(self, *args, **kwargs):
         kwargs.setdefault("min_new_tokens", kwargs.get("max_new_tokens"))
-        synchronize(self.device)
-        start = time.perf_counter()
+        laps = Laps(self.device)
         out = self.inner(*args, **kwargs)
         prompt_length = kwargs["input_ids"].shape[1]
         generated = out[:, prompt_length:]
         outside = generated >= self.codebook_size
-        outside[:, -1] = False  # the last id is the end-of-image marker, which the pipeline never reads
+        outside[:, -1] = False  # the end-of-image marker's place, after the grid: the pipeline never reads it
         if bool(outside.any()):
             out = out.clone()
             out[:, prompt_length:] = torch.where(outside, generated % self.codebook_size, generated)
-        synchronize(self.device)
-        self.calls.append({"seconds": time.perf_counter() - start, "new_tokens": int(generated.shape[1]),
+        self.calls.append({"seconds": laps.lap(), "new_tokens": int(generated.shape[1]),
                            "ids_outside_codebook": int(outside.sum())})
         return out
 
 
 class StepClock:
-    """`callback_on_step_end` that records when each denoising step ended (after a synchronisation)."""
+    """`callback_on_step_end` that times each denoising step from the previous step's end (after a sync)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.ends = device, []
+        self.device, self.laps, self.steps = device, None, []
 
     def __call__(self, pipe, step, timestep, tensors: dict) -> dict:
-        synchronize(self.device)
-        self.ends.append(time.perf_counter())
+        if self.laps is None:  # the first step's end: what came before it is set-up, not a step
+            self.laps = Laps(self.device)
+        else:
+            self.steps.append(self.laps.lap())
         return tensors
 
     def seconds_per_step(self) -> float | None:
-        """Mean step time between the first and the last step's end (the first step, with its set-up, excluded)."""
-        if len(self.ends) < 2:
-            return None
-        return (self.ends[-1] - self.ends[0]) / (len(self.ends) - 1)
+        """Mean over the steps after the first one (None with fewer than two steps)."""
+        return sum(self.steps) / len(self.steps) if self.steps else None
 
 
 def load_pipeline(folder, device: torch.device, dtype: torch.dtype):
@@ -155,13 +152,11 @@ def text_to_image(pipe, sizes: workloads.E2ESizes, size: tuple[int, int], seed: 
     clock = StepClock(device)
     model.generate = timed
     try:
-        synchronize(device)
-        start = time.perf_counter()
+        laps = Laps(device)
         image = pipe(prompt=workloads.T2I_PROMPT, height=height, width=width, num_inference_steps=sizes.steps,
                      guidance_scale=sizes.guidance, generator=_generator(device, seed),
                      callback_on_step_end=clock).images[0]
-        synchronize(device)
-        total = time.perf_counter() - start
+        total = laps.lap()
     finally:
         del model.generate  # the instance attribute goes; the class's generate is back
     if image.size != (width, height):
@@ -181,20 +176,16 @@ def edit(pipe, sizes: workloads.E2ESizes, seed: int) -> dict:
     timed = TimedGenerate(model, int(pipe.transformer.config.prior_vq_quantizer_codebook_size), device)
     model.generate = timed
     try:
-        synchronize(device)
-        start = time.perf_counter()
+        laps = Laps(device)
         prior = edit_prior_tokens(pipe, workloads.EDIT_PROMPT, image, width, height, seed)
-        synchronize(device)
-        ar_s = time.perf_counter() - start
+        ar_s = laps.lap()
     finally:
         del model.generate
     clock = StepClock(device)
-    synchronize(device)
-    start = time.perf_counter()
+    laps = Laps(device)
     pipe(prompt=workloads.EDIT_PROMPT, image=[image], height=height, width=width, num_inference_steps=sizes.steps,
          guidance_scale=sizes.guidance, generator=_generator(device, seed), callback_on_step_end=clock, **prior)
-    synchronize(device)
-    pipeline_s = time.perf_counter() - start
+    pipeline_s = laps.lap()
     (call,) = timed.calls
     return {"total_s": ar_s + pipeline_s, "ar_s": ar_s, "pipeline_s": pipeline_s, "ar_tokens": call["new_tokens"],
             "ids_outside_codebook": call["ids_outside_codebook"], "dit_s_per_step": clock.seconds_per_step()}
@@ -204,13 +195,12 @@ def phase_reference(b, clock: Deadline) -> None:
     """Load, warm up, one whole text-to-image run, one edit; the pipeline is freed at the end (GPU memory)."""
     sizes, seed = b.sizes, b.args.seed
     b.reset_peak()
-    start = time.perf_counter()
+    laps = Laps(b.device)
     pipe = load_pipeline(b.folder, b.device, b.dtype)
-    b.record("reference", "load_s", time.perf_counter() - start)
+    b.record("reference", "load_s", laps.lap())
     try:
-        start = time.perf_counter()
         warm_up(pipe, sizes, seed)
-        b.record("reference", "warm_up_s", time.perf_counter() - start)
+        b.record("reference", "warm_up_s", laps.lap())
         run = text_to_image(pipe, sizes, sizes.t2i, seed + 1)
         b.record("reference", "e2e_s_t2i_1024", run["total_s"], run)
         b.record("reference", "ar_s_t2i_1024", run["ar_s"])

@@ -150,6 +150,8 @@ def check_args(args, width: int, height: int, steps: int) -> list:
               lambda: output_paths(args.out, max(args.batch, 1))]
     if args.save_tokens is not None:
         checks.append(lambda: writable_file("--save-tokens", args.save_tokens, "tokens.safetensors"))
+    if args.timings is not None:
+        checks.append(lambda: writable_file("--timings", args.timings, "timings.json"))
     checks += [lambda path=path: references.append(read_reference(path)) for path in args.ref]
     for check in checks:
         try:
