@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .limits import PLACEMENTS, WEIGHT_CHOICES
+
 DTYPES = ("bf16", "fp16", "fp32")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                   ".tiff": "TIFF"}
@@ -67,10 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="images from one prompt (AR seeds ar-seed, ar-seed+1, ...)")
     p.add_argument("--device", default=None, help="cuda / cuda:N / cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--weights", choices=("auto", "bf16", "fp8"), default="auto",
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
                    help="how the AR's and DiT's linear layers are stored: bf16 as published, fp8 at half the memory "
                    "(slightly different images), auto = bf16 when the larger stage fits the free GPU memory")
-    p.add_argument("--placement", choices=("auto", "gpu", "sequential"), default="auto",
+    p.add_argument("--placement", choices=PLACEMENTS, default="auto",
                    help="where the stages' weights stay: auto = what fits the free GPU memory, gpu = all on the "
                    "GPU, sequential = one stage at a time")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the AR decode layer and DiT "
@@ -226,11 +228,10 @@ def save_images(images, paths: list[Path], demo: bool) -> None:
     """Each image to a temporary file beside its target, then renamed over it: an existing file is replaced
     whole or not at all. If a target cannot be written, the image goes to a fallback file in the temporary
     folder, and the message says where."""
-    import numpy as np
-    from PIL import Image
+    from .images import to_rgb_image
 
     for image, path in zip(images, paths):
-        picture = Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        picture = to_rgb_image(image)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial",

@@ -266,31 +266,28 @@ def read_headers(component_dir) -> dict[str, HeaderEntry]:
     return entries
 
 
-def checkpoint_fusions(module: nn.Module) -> dict[str, tuple[str, ...]]:
-    """{module key: checkpoint keys concatenated along dim 0 into it}, from every sub-module's
-    `checkpoint_fusions` class attribute ({local name: (local checkpoint names, ...)})."""
-    fusions: dict[str, tuple[str, ...]] = {}
+def _fused_keys(module: nn.Module):
+    """(sub-module, module key, checkpoint keys concatenated along dim 0 into it) for every sub-module whose class
+    declares `checkpoint_fusions` ({local name: (local checkpoint names, ...)})."""
     for prefix, sub in module.named_modules():
-        local = getattr(type(sub), "checkpoint_fusions", None)
-        if local:
-            head = f"{prefix}." if prefix else ""
-            for fused, parts in local.items():
-                fusions[head + fused] = tuple(head + part for part in parts)
-    return fusions
+        head = f"{prefix}." if prefix else ""
+        for fused, parts in (getattr(type(sub), "checkpoint_fusions", None) or {}).items():
+            yield sub, head + fused, tuple(head + part for part in parts)
+
+
+def checkpoint_fusions(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """{module key: checkpoint keys concatenated along dim 0 into it}."""
+    return {fused: parts for _, fused, parts in _fused_keys(module)}
 
 
 def official_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's state dict under the checkpoint's own key names: fused tensors split back into their parts
     (each fusing sub-module says how, with `fused_part_sizes()`: the parts' sizes along dim 0)."""
     state = dict(module.state_dict())
-    for prefix, sub in module.named_modules():
-        local = getattr(type(sub), "checkpoint_fusions", None)
-        if local:
-            head = f"{prefix}." if prefix else ""
-            for fused, parts in local.items():
-                if head + fused in state:
-                    pieces = state.pop(head + fused).split(list(sub.fused_part_sizes()))
-                    state.update({head + part: piece for part, piece in zip(parts, pieces)})
+    for sub, fused, parts in _fused_keys(module):
+        if fused in state:
+            pieces = state.pop(fused).split(list(sub.fused_part_sizes()))
+            state.update(dict(zip(parts, pieces)))
     return state
 
 
@@ -305,8 +302,9 @@ def fuse_checkpoint_keys(module, state_dict, prefix, *args) -> None:
 
 def _read_failure(path: Path, exc: BaseException, device: torch.device, needed_bytes: int) -> Exception:
     """The error to raise when reading tensors from `path` failed: corrupt only when the file is."""
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-        from .memory import out_of_memory_error
+    from .memory import is_out_of_memory, out_of_memory_error
+
+    if is_out_of_memory(exc):
         return out_of_memory_error(f"loading {path.parent.name}/ weights", device, exc, needed_bytes=needed_bytes)
     if (access := _access_error(path)) is not None:
         return access

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .memory import is_out_of_memory
+
 NO_COMPILE_ENV = "GLM_CORE_NO_COMPILE"
 DEFAULT_BACKEND = "inductor"
 # torch's own variable: inductor's FX-graph cache, the AOTAutograd cache and Triton's kernels all live under it.
@@ -72,16 +74,6 @@ def compile_backend(device: torch.device | str, requested: bool | None = None) -
     return DEFAULT_BACKEND if compile_wanted(device, requested) else None
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            return True
-        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
-    return False
-
-
 def is_compiler_error(exc: BaseException) -> bool:
     """True for a failure of dynamo / the backend compiler itself, never for an out-of-memory error (an OOM
     during compilation is the run's OOM: falling back to eager would hide it and make every later image slower)."""
@@ -93,7 +85,7 @@ def is_compiler_error(exc: BaseException) -> bool:
         compiler_errors += (InductorError,)
     except ImportError:  # older torch: inductor errors reach us wrapped in BackendCompilerFailed
         pass
-    return isinstance(exc, compiler_errors) and not _is_out_of_memory(exc)
+    return isinstance(exc, compiler_errors) and not is_out_of_memory(exc)
 
 
 class CompiledOrEager:

@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .limits import WEIGHT_FORMATS
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # The smallest scale ever used: fp32's smallest normal number. Keeps all-zero rows at zero (0 / tiny = 0)
@@ -368,9 +370,6 @@ def fp8_names_in_file(path) -> list[str]:
 
 # --------------------------------------------------------------------------------------------
 # Loading
-
-
-WEIGHT_FORMATS = ("bf16", "fp8")
 
 
 def stored_in_fp8(component_dir) -> bool:

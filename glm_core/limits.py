@@ -12,6 +12,11 @@ MAX_TARGET_SIDE = 2048
 SIZE_MULTIPLE = 32  # one AR token per 32×32 pixels; the DiT needs H/8 even and = 2×grid (spec §4)
 # smart_resize refuses references more elongated than this (spec §1.3 step 1).
 MAX_REFERENCE_ASPECT = 4.0
+# How the AR decoder's and the DiT blocks' linears are stored ("auto" picks one at load), and where the stages'
+# weights stay between uses (glm_core.pipeline.GlmImage). The CLI, the loader node and the core read these.
+WEIGHT_FORMATS = ("bf16", "fp8")
+WEIGHT_CHOICES = ("auto", *WEIGHT_FORMATS)
+PLACEMENTS = ("auto", "gpu", "sequential")
 
 
 def _nearest_valid(value: int, lo: int, hi: int) -> list[int]:

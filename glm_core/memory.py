@@ -49,6 +49,18 @@ def free_bytes(device) -> int:
     return max(free, 0) + reserved - torch.cuda.memory_allocated(device)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when `exc`, or an error it wraps (a compiler's inner exception, a cause, a context), is a GPU
+    out-of-memory error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            return True
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return False
+
+
 def out_of_memory_error(what: str, device, cause: BaseException | None = None,
                         needed_bytes: int | None = None) -> NotEnoughGpuMemory:
     """The error for an allocation that failed while doing `what` on `device` (call it after the failed

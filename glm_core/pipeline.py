@@ -23,10 +23,11 @@ from .dit.sampling import DiTConditioning, denoise, initial_noise, uses_guidance
 from .glyph import load_glyph_encoder
 from .memory import (GB, VAE_DECODE_BYTES_PER_PIXEL, estimated_working_bytes, free_bytes, gpu_released_on_error,
                      out_of_memory_error)
-from .limits import check_decode_settings, check_prompt, validate_target_size
+from .limits import (PLACEMENTS, WEIGHT_CHOICES, WEIGHT_FORMATS, check_decode_settings, check_prompt,
+                     validate_target_size)
 from .processor import PromptProcessor, adjust_reference_size
-from .fp8 import WEIGHT_FORMATS, stored_in_fp8
-from .residency import PLACEMENTS, StageWeights, host_copy_plan
+from .fp8 import stored_in_fp8
+from .residency import StageWeights, host_copy_plan
 from .schedule import SchedulerConfig, image_seq_len, timesteps_and_sigmas
 from .tokens import (PriorTokens, check_token_ids, check_tokens_match, load_tokens, preview_tokens, save_tokens,
                      upsample_prior)
@@ -105,7 +106,7 @@ class GlmImage:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU "
                              f"(torch {torch.__version__}); use device 'cpu', or install a CUDA build of PyTorch")
-        if weights not in ("auto", *WEIGHT_FORMATS):
+        if weights not in WEIGHT_CHOICES:
             raise ValueError(f"weights must be 'auto', 'bf16' or 'fp8', got {weights!r}")
         if dtype is None:
             # bf16 is the checkpoint's own dtype; on the CPU fp32 is both faster and exact.
@@ -178,12 +179,16 @@ class GlmImage:
         (largest first) until `working_bytes` plus headroom are free."""
         if self.device.type != "cuda" or self.placement == "gpu":
             return
+        self._release_until_free(working_bytes, keep, f"{working_bytes / GB:.1f} GB of working memory")
+
+    def _release_until_free(self, needed: int, keep: Sequence[str], purpose: str) -> None:
+        """Move stages other than `keep` off the GPU, largest first, until `needed` bytes plus headroom are free."""
         for name in sorted((n for n in STAGES if n not in keep and self.on_device(n)), key=self.stage_nbytes,
                            reverse=True):
-            if free_bytes(self.device) >= working_bytes + HEADROOM_BYTES:
+            if free_bytes(self.device) >= needed + HEADROOM_BYTES:
                 break
-            log.info("moving the %s stage off the GPU to make room for %.1f GB of working memory", name,
-                     working_bytes / GB)
+            log.info("moving the %s stage off the GPU to make room for %s (%.1f GB needed, %.1f GB free)", name,
+                     purpose, needed / GB, free_bytes(self.device) / GB)
             self.release(name)
 
     def check(self, names: Sequence[str] = STAGES) -> None:
@@ -217,12 +222,7 @@ class GlmImage:
             if others and free_bytes(self.device) >= needed + HEADROOM_BYTES:
                 log.info("placement auto: %s fit beside the stages already on the GPU (%.1f GB needed, %.1f GB "
                          "free)", "+".join(names), needed / GB, free_bytes(self.device) / GB)
-            for name in sorted(others, key=self.stage_nbytes, reverse=True):
-                if free_bytes(self.device) >= needed + HEADROOM_BYTES:
-                    break
-                log.info("placement auto: moving the %s stage off the GPU to make room for %s (%.1f GB needed, "
-                         "%.1f GB free)", name, "+".join(names), needed / GB, free_bytes(self.device) / GB)
-                self.release(name)
+            self._release_until_free(needed, names, "+".join(names))
         free = free_bytes(self.device)
         if free < weights_needed:
             raise out_of_memory_error(f"the {'+'.join(names)} weights", self.device, needed_bytes=weights_needed)
@@ -338,6 +338,11 @@ class Conditioning:
     def reference_sizes(self) -> list[tuple[int, int]]:
         return [(image.height, image.width) for image in self.references]
 
+    @property
+    def reference_tokens(self) -> int:
+        """AR tokens the references take in all (one per 32x32 patch of each)."""
+        return sum(h * w for h, w in self.reference_grids)
+
 
 def encode_prompt(model: GlmImage, prompt: str, width: int, height: int,
                   references: Sequence = ()) -> Conditioning:
@@ -384,9 +389,8 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
     if cond.reference_ids:
         inputs.reference_ids = torch.cat([ids.flatten() for ids in cond.reference_ids]).repeat(batch_size)
     seeds = [seed + i for i in range(batch_size)]
-    reference_tokens = sum(h * w for h, w in cond.reference_grids)
     model.prepare(["ar"], estimated_working_bytes("ar", height=cond.height, width=cond.width, batch=batch_size,
-                                                  reference_tokens=reference_tokens))
+                                                  reference_tokens=cond.reference_tokens))
     with gpu_released_on_error("sampling the AR tokens", model.device):
         grid_ids = generate_grids(model.stage("ar"), inputs, seeds=seeds, sampling_settings=settings,
                                   progress=progress, interrupt=interrupt)
@@ -418,9 +422,8 @@ def decode(model: GlmImage, cond: Conditioning, tokens: PriorTokens, *, steps: i
     batch = tokens.grid_ids.shape[0]
     if interrupt is not None:
         interrupt()
-    reference_tokens = sum(h * w for h, w in cond.reference_grids)
     model.prepare(["glyph", "dit", "vae"], estimated_working_bytes(
-        "dit", height=cond.height, width=cond.width, batch=batch, reference_tokens=reference_tokens))
+        "dit", height=cond.height, width=cond.width, batch=batch, reference_tokens=cond.reference_tokens))
     with gpu_released_on_error("decoding the image", device):
         return _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_step, latents)
 

@@ -21,7 +21,6 @@ from torch import nn
 
 log = logging.getLogger("glm_core")
 _ALIGN = 256  # bytes: every tensor view starts aligned for any dtype and for vectorised copies
-PLACEMENTS = ("auto", "gpu", "sequential")
 
 
 def host_memory_available() -> int:

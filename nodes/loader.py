@@ -12,8 +12,6 @@ from .types import CATEGORY, GLM_IMAGE_MODEL
 DEFAULT_MODEL_FOLDER = "GLM-Image"  # models/glm_image/GLM-Image = a download of zai-org/GLM-Image
 # fp16 is left out: the reference reports fp16 VAE overflow (black / NaN images) for this model.
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-WEIGHTS = ("auto", "bf16", "fp8")
-PLACEMENTS = ("auto", "gpu", "sequential")
 _MAX_SCAN_DEPTH = 3  # models/glm_image/<org>/<name>/model_index.json is depth 2; stop well before a big tree
 
 comfy_services.register_model_folder()
@@ -73,6 +71,8 @@ class LoadGlmImage:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..glm_core.limits import PLACEMENTS, WEIGHT_CHOICES
+
         return {
             "required": {
                 "model_folder": (list_model_folders(), {
@@ -84,7 +84,7 @@ class LoadGlmImage:
                                "fp32: for CPUs without fast bf16, or to rule out precision issues."}),
             },
             "optional": {
-                "weights": (list(WEIGHTS), {
+                "weights": (list(WEIGHT_CHOICES), {
                     "default": "auto",
                     "tooltip": "How the big layers are stored. bf16: as published (AR 17.9 GB, DiT 13.9 GB). fp8: "
                                "the AR's and the DiT's linear layers in FP8, half the memory, for 12-16 GB cards "

@@ -14,6 +14,7 @@ The token budget is exact: t2i = preview + large + 1 (EOS), editing = large + 1.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -299,26 +300,23 @@ def cuda_graphs_supported() -> bool:
     invalid-argument error thrown from a destructor; measured in ComfyUI 0.33.0 on the H200). Eager decoding
     gives the same tokens, only slower; start ComfyUI with --disable-cuda-malloc for the graph."""
     if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
-        if not _GRAPH_NOTE:
-            _GRAPH_NOTE.append(1)
-            log.info("AR decode: no CUDA graph under the cudaMallocAsync allocator (ComfyUI's default); "
-                     "start ComfyUI with --disable-cuda-malloc for faster token generation")
+        _note_no_cuda_graph()
         return False
     return True
 
 
-_GRAPH_NOTE: list[int] = []
-_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+@functools.cache
+def _note_no_cuda_graph() -> None:  # cached: said once per process
+    log.info("AR decode: no CUDA graph under the cudaMallocAsync allocator (ComfyUI's default); "
+             "start ComfyUI with --disable-cuda-malloc for faster token generation")
 
 
+@functools.cache
 def _warmup_stream(device_index: int) -> torch.cuda.Stream:
     """One side stream per GPU for the warm-up before graph capture, reused by every generation: cuBLAS keeps
     a 32 MiB workspace for each stream it has run on, so a new pool stream per generation held one more
     workspace each time (+34 MB per image until the pool's 32 streams wrapped around, measured on the H200)."""
-    stream = _WARMUP_STREAMS.get(device_index)
-    if stream is None:
-        stream = _WARMUP_STREAMS[device_index] = torch.cuda.Stream(device_index)
-    return stream
+    return torch.cuda.Stream(device_index)
 
 
 def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], use_cuda_graph: bool) -> None:
