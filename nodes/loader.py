@@ -86,7 +86,7 @@ class LoadGlmImage:
             "optional": {
                 "weights": (list(WEIGHT_CHOICES), {
                     "default": "auto",
-                    "tooltip": "How the big layers are stored. bf16: as published (AR 17.9 GB, DiT 13.9 GB). fp8: "
+                    "tooltip": "How the big layers are stored. bf16: as published (AR 17.8 GB, DiT 13.9 GB). fp8: "
                                "the AR's and the DiT's linear layers in FP8, half the memory, for 12-16 GB cards "
                                "(slightly different images). auto: bf16 if the larger stage fits the free GPU "
                                "memory, else fp8; a pre-quantised folder is always fp8. The console says which."}),
