@@ -7,9 +7,9 @@ and either one `model.safetensors` / `diffusion_pytorch_model.safetensors` or sh
 
 Loading contract (`load_weights`):
 - The module is usually built on the meta device. Every parameter and *persistent* buffer is
-  replaced (assign, not copy) by the checkpoint tensor, read one at a time with
-  `safetensors.safe_open(..., device=device)` and cast on that device: no fp32 detour and no
-  second full copy in host RAM.
+  replaced (assign, not copy) by the checkpoint tensor, read straight onto the device by its byte
+  range (`tensor_reader`: several in flight, through small page-locked buffers on a GPU) and cast on
+  that device: no fp32 detour and no second full copy in host RAM.
 - Loading is strict: the module's `state_dict` keys must equal the checkpoint keys (minus
   `ignore_keys`), with equal shapes. Everything is checked from the safetensors headers before a
   single tensor is read, so a bad checkpoint never leaves a half-loaded module behind.
@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from .tensor_reader import TensorReader, read_in_order
 
 PIPELINE_CLASS_NAME = "GlmImagePipeline"
 MODEL_INDEX_FILENAME = "model_index.json"
@@ -321,7 +323,7 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
 
     dry_run: every check (files, headers, keys, shapes) and nothing read: what `GlmImage.check` runs.
 
-    Floating tensors become `dtype` (or fp32 where `keep_fp32(key)`), on `device`, read one at a
+    Floating tensors become `dtype` (or fp32 where `keep_fp32(key)`), on `device`, read a few at a
     time; integer and bool tensors keep their dtype; `dtype=None` keeps the stored dtype.
     Checkpoint keys with `ignore_keys(key)` are neither loaded nor reported as unexpected.
     Sub-modules' `checkpoint_fusions` are honoured: the parts are read and concatenated on `device`.
@@ -409,31 +411,33 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
     if dry_run:
         return
 
-    # Read and assign one tensor at a time, in file order; fused parts are concatenated on the device.
-    plan.sort(key=lambda item: str(checkpoint[item[0][0]][2]))
-    safe_device = "cpu" if device.type == "cpu" else str(device)
-    handles: dict[Path, object] = {}
-    path = None
+    # Read in file order, several tensors in flight (tensor_reader), assigned one at a time; fused parts are
+    # concatenated on the device.
+    reader = TensorReader(device)
+    plan.sort(key=lambda item: (str(checkpoint[item[0][0]][2]), reader.byte_range(checkpoint[item[0][0]][2],
+                                                                                    item[0][0])))
+
+    def read_group(item: tuple[tuple[str, ...], int]) -> list[torch.Tensor]:
+        keys, group_id = item
+        target_tensor = tensors[group_id]
+        quantise = groups[group_id][0] in quantised_on_load
+        parts = []
+        for key in keys:
+            shape, stored, path = checkpoint[key]
+            if quantise:
+                target = None  # quantised below from the stored precision
+            elif target_tensor.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale"):
+                target = target_tensor.dtype  # pre-quantised: e4m3 values and fp32 scales stay as stored
+            else:
+                target = _target_dtype(key, stored, dtype, keep_fp32)
+            parts.append(reader.read(path, key, stored, shape).to(dtype=target))
+        return parts
+
     try:
-        for keys, group_id in plan:
-            target_tensor = tensors[group_id]
-            quantise = groups[group_id][0] in quantised_on_load
-            parts = []
-            for key in keys:
-                path = checkpoint[key][2]
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt", device=safe_device).__enter__()
-                stored = checkpoint[key][1]
-                if quantise:
-                    target = None  # quantised below from the stored precision
-                elif target_tensor.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale"):
-                    target = target_tensor.dtype  # pre-quantised: e4m3 values and fp32 scales stay as stored
-                else:
-                    target = _target_dtype(key, stored, dtype, keep_fp32)
-                parts.append(handles[path].get_tensor(key).to(device=device, dtype=target))
+        for (keys, group_id), parts in read_in_order(plan, read_group):
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
             parts = None
-            if quantise:
+            if groups[group_id][0] in quantised_on_load:
                 from .fp8 import quantize_weight
 
                 tensor, scale = quantize_weight(tensor)
@@ -441,20 +445,19 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
                 for name in groups[scale_group]:
                     _assign(module, name, nn.Parameter(scale, requires_grad=False))
             if is_param[group_id]:
-                tensor = nn.Parameter(tensor, requires_grad=target_tensor.requires_grad)
+                tensor = nn.Parameter(tensor, requires_grad=tensors[group_id].requires_grad)
             for name in groups[group_id]:  # tied aliases share the one new tensor
                 _assign(module, name, tensor)
     except CheckpointError:
         raise
     except Exception as exc:
         needed = sum(tensors[group_id].numel() * tensors[group_id].element_size() for _, group_id in plan)
+        item = getattr(exc, "item", None)
+        path = checkpoint[item[0][0]][2] if item is not None else checkpoint[plan[0][0][0]][2]
         failure = _read_failure(path, exc, device, needed)
         if failure is exc:
             raise
         raise failure from exc
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
 
     init_computed_buffers(module, device)
 

@@ -96,12 +96,14 @@ class GlmImage:
 
     @classmethod
     def from_folder(cls, folder, *, device=None, dtype: torch.dtype | None = None, compile: bool | None = None,
-                    placement: str = "auto", weights: str = "auto") -> "GlmImage":
+                    placement: str = "auto", weights: str = "auto", gpu_memory: int | None = None) -> "GlmImage":
         """Validate the folder and read its configs; no weights are read until a stage runs.
 
         weights: "bf16" (the checkpoint's precision), "fp8" (the AR decoder's and the DiT blocks' linears in FP8:
-        half the memory), or "auto": FP8 for a pre-quantised folder, else bf16 when the largest stage fits the free
-        GPU memory with room to run, else FP8 (the choice and its reason are logged)."""
+        half the memory), or "auto": FP8 for a pre-quantised folder, else bf16 when the largest stage fits the GPU
+        memory with room to run, else FP8 (the choice and its reason are logged).
+        gpu_memory: the bytes "auto" may count on; default: what is free now. A host that unloads its own models on
+        demand (ComfyUI) passes what it could make free."""
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU "
@@ -114,10 +116,10 @@ class GlmImage:
         checkpoint = open_checkpoint(folder)
         model = cls(checkpoint, device, dtype, compile, placement, "bf16" if weights == "auto" else weights)
         if weights == "auto":
-            model.weights = model._choose_weights()
+            model.weights = model._choose_weights(gpu_memory)
         return model
 
-    def _choose_weights(self) -> str:
+    def _choose_weights(self, gpu_memory: int | None) -> str:
         stored = [stage for stage in _FP8_STAGES
                   if stored_in_fp8(self.checkpoint.component_dir(COMPONENT_OF_STAGE[stage]))]
         if stored:
@@ -127,13 +129,14 @@ class GlmImage:
             return "bf16"
         largest = max(self.stage_nbytes(stage) for stage in _FP8_STAGES)
         needed = largest + estimated_working_bytes("ar", height=1024, width=1024) + HEADROOM_BYTES
-        free = free_bytes(self.device)
+        free = free_bytes(self.device) if gpu_memory is None else gpu_memory
+        where = "free" if gpu_memory is None else "within reach"
         if free >= needed:
-            log.info("weights auto: bf16 (the largest stage, %.1f GB, fits the %.1f GB free with room to run)",
-                     largest / GB, free / GB)
+            log.info("weights auto: bf16 (the largest stage, %.1f GB, fits the %.1f GB %s with room to run)",
+                     largest / GB, free / GB, where)
             return "bf16"
-        log.info("weights auto: fp8 (the largest stage needs %.1f GB in bf16 with room to run; %.1f GB are free)",
-                 needed / GB, free / GB)
+        log.info("weights auto: fp8 (the largest stage needs %.1f GB in bf16 with room to run; %.1f GB are %s)",
+                 needed / GB, free / GB, where)
         self._meta.clear()
         self._nbytes.clear()
         return "fp8"

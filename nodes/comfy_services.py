@@ -107,6 +107,24 @@ def free_memory(bytes_needed: int, device) -> None:
     model_management.soft_empty_cache()
 
 
+def gpu_memory_within_reach(device) -> int | None:
+    """The GPU memory ComfyUI could make free on `device`: what is free now plus what the models it has loaded
+    there hold (it unloads them when a node needs the room), less the memory it keeps in reserve. None outside
+    ComfyUI or off the GPU (the core then reads the free memory itself)."""
+    model_management = _model_management()
+    if model_management is None or device is None or getattr(device, "type", None) != "cuda":
+        return None
+    loaded = 0
+    for entry in list(getattr(model_management, "current_loaded_models", [])):
+        try:
+            if entry.device == device and entry.model is not None:
+                loaded += int(entry.model_loaded_memory())
+        except Exception:  # noqa: BLE001 - an entry whose model is gone or half torn down holds nothing we can count
+            continue
+    free = int(model_management.get_free_memory(device))
+    return max(free + loaded - int(model_management.extra_reserved_memory()), 0)
+
+
 def soft_empty_cache() -> None:
     model_management = _model_management()
     if model_management is not None:

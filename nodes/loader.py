@@ -88,8 +88,9 @@ class LoadGlmImage:
                     "default": "auto",
                     "tooltip": "How the big layers are stored. bf16: as published (AR 17.8 GB, DiT 13.9 GB). fp8: "
                                "the AR's and the DiT's linear layers in FP8, half the memory, for 12-16 GB cards "
-                               "(slightly different images). auto: bf16 if the larger stage fits the free GPU "
-                               "memory, else fp8; a pre-quantised folder is always fp8. The console says which."}),
+                               "(slightly different images). auto: bf16 if the larger stage fits the GPU memory "
+                               "ComfyUI could free for it (other models unload on demand), else fp8; a pre-quantised "
+                               "folder is always fp8. The console says which."}),
                 "placement": (list(PLACEMENTS), {
                     "default": "auto",
                     "tooltip": "Where the stages stay between runs. auto: follow ComfyUI (--highvram keeps both on "
@@ -114,7 +115,8 @@ class LoadGlmImage:
         folder = resolve_model_folder(model_folder)
         if placement == "auto":
             placement = comfy_services.placement_from_flags()
-        model = GlmImage.from_folder(folder, device=comfy_services.torch_device(), dtype=DTYPES[dtype],
-                                     weights=weights, placement=placement)
+        device = comfy_services.torch_device()
+        model = GlmImage.from_folder(folder, device=device, dtype=DTYPES[dtype], weights=weights, placement=placement,
+                                     gpu_memory=comfy_services.gpu_memory_within_reach(device))
         model.check()  # every config, shard index and shard header now, not when a stage first runs
         return (model,)

@@ -293,29 +293,19 @@ def decode_layer_runner(model: GlmImageAR):
     return run_layer
 
 
-def cuda_graphs_supported() -> bool:
-    """Whether the decode step may be captured into a CUDA graph: not under the cudaMallocAsync allocator, which
-    ComfyUI turns on by default (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync). There, freeing a tensor made
-    during capture aborted the whole process ("uncaptured free of a captured allocation", then a CUDA
-    invalid-argument error thrown from a destructor; measured in ComfyUI 0.33.0 on the H200). Eager decoding
-    gives the same tokens, only slower; start ComfyUI with --disable-cuda-malloc for the graph."""
-    if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
-        _note_no_cuda_graph()
-        return False
-    return True
-
-
 @functools.cache
-def _note_no_cuda_graph() -> None:  # cached: said once per process
-    log.info("AR decode: no CUDA graph under the cudaMallocAsync allocator (ComfyUI's default); "
-             "start ComfyUI with --disable-cuda-malloc for faster token generation")
+def _capture_stream(device_index: int) -> torch.cuda.Stream:
+    """One side stream per GPU for the warm-up steps and the graph capture, reused by every generation.
 
-
-@functools.cache
-def _warmup_stream(device_index: int) -> torch.cuda.Stream:
-    """One side stream per GPU for the warm-up before graph capture, reused by every generation: cuBLAS keeps
-    a 32 MiB workspace for each stream it has run on, so a new pool stream per generation held one more
-    workspace each time (+34 MB per image until the pool's 32 streams wrapped around, measured on the H200)."""
+    - cuBLAS keeps a 32 MiB workspace for each stream it has run on: a new pool stream per generation held one
+      more workspace each time (+34 MB per image until the pool's 32 streams wrapped around, measured on the H200).
+    - The capture runs on the stream the warm-up ran on (ComfyUI captures its own graphs the same way), so
+      nothing is first allocated for this stream inside the capture. Under the cudaMallocAsync allocator
+      (ComfyUI's default) an allocation made during capture belongs to the graph, and a tensor from it freed
+      before the graph's first launch aborted the process ("uncaptured free of a captured allocation", then a
+      CUDA invalid-argument error thrown from a destructor; ComfyUI 0.33.0 on the H200, when the capture ran on
+      torch's own capture stream).
+    """
     return torch.cuda.Stream(device_index)
 
 
@@ -325,23 +315,24 @@ def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], u
     run = loop.step
     if use_cuda_graph and steps > 0:
         warmup = min(3, steps)
-        side = _warmup_stream(torch.cuda.current_device())
+        side = _capture_stream(torch.cuda.current_device())
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):  # real steps, also warm up kernels/allocator outside the capture
                 loop.draw_noise()
                 loop.step()
-        torch.cuda.current_stream().wait_stream(side)
         done = warmup
         if done < steps:
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):  # records one step; nothing runs during capture
-                    loop.step()
+                # thread_local: CUDA calls from other threads (a server's) neither break nor join this capture
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    loop.step()  # records one step; nothing runs during capture
                 run = graph.replay
             except RuntimeError as exc:  # an op that cannot be captured: stay eager, same results
                 warnings.warn(f"AR decode: CUDA graph capture failed ({exc}); decoding eagerly", RuntimeWarning)
                 torch.cuda.synchronize()
+        torch.cuda.current_stream().wait_stream(side)
     while done < steps:
         loop.draw_noise()
         run()
@@ -381,7 +372,7 @@ def generate_sequences(
     plan = prepare_prompt(model, inputs, copies)
     device = model.device
     if use_cuda_graph is None:
-        use_cuda_graph = device.type == "cuda" and cuda_graphs_supported()
+        use_cuda_graph = device.type == "cuda"
     total = plan.num_new_tokens
     cache = loop = None
     try:

@@ -80,7 +80,17 @@ def test_auto_refuses_weights_that_cannot_fit_even_alone(simulated):
 def test_weights_auto_picks_from_the_free_memory(simulated, free_gb, expected):
     model, card = simulated(free_gb, set(), "auto")
     model.stage_nbytes = lambda name: int(SIZES[name])
-    assert model._choose_weights() == expected
+    assert model._choose_weights(None) == expected
+
+
+def test_weights_auto_counts_the_memory_a_host_could_free(simulated):
+    """16 GB free (another model of the host's on the card) would mean FP8, but a host that unloads its models on
+    demand (ComfyUI) says 24 GB are within reach: bf16."""
+    model, card = simulated(16, set(), "auto")
+    model.stage_nbytes = lambda name: int(SIZES[name])
+    assert model._choose_weights(None) == "fp8"
+    assert model._choose_weights(int(24 * GB)) == "bf16"
+    assert model._choose_weights(int(12 * GB)) == "fp8"
 
 
 def test_weights_auto_takes_fp8_for_a_pre_quantised_folder(tmp_path, demo_folder):
