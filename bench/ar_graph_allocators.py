@@ -28,11 +28,18 @@ CASES = (("512_first", 512, 512, 1, 1), ("512", 512, 512, 1, 2), ("512_batch2", 
          ("1024_first", 1024, 1024, 1, 4), ("1024", 1024, 1024, 1, 5))
 
 
-def child(folder: str) -> dict:
+def child(folder: str, force_graph: bool = False) -> dict:
     import torch
 
     from bench.workloads import T2I_PROMPT
     from glm_core import pipeline
+
+    cases = CASES
+    if force_graph:  # diagnosis: capture even where glm_core declines to (cudaMallocAsync), one generation
+        import glm_core.ar.decode as decode
+
+        decode.cuda_graphs_supported = lambda: True
+        cases = CASES[:1]
 
     torch.set_grad_enabled(False)
     result = {"allocator": torch.cuda.get_allocator_backend(), "cases": {}, "warnings": []}
@@ -41,7 +48,7 @@ def child(folder: str) -> dict:
     model.prepare(["ar"])
     torch.cuda.synchronize()
     result["ar_load_s"] = round(time.perf_counter() - start, 3)
-    for name, width, height, batch, seed in CASES:
+    for name, width, height, batch, seed in cases:
         cond = pipeline.encode_prompt(model, T2I_PROMPT, width, height)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -68,10 +75,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--force-graph", action="store_true",
+                   help="with --child: capture the graph under any allocator, one 512² generation (diagnosis; run "
+                        "with python3 -X faulthandler to see the Python stack of an abort)")
     p.add_argument("--timeout-s", type=float, default=240)
     args = p.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(args.model)), flush=True)
+        print("RESULT " + json.dumps(child(args.model, args.force_graph)), flush=True)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +97,8 @@ def main(argv=None) -> int:
                                   env=env, capture_output=True, text=True, timeout=args.timeout_s)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             run = json.loads(lines[-1][7:]) if lines else {}
-            run.update(exit_code=proc.returncode, stderr_tail=proc.stderr[-2000:] if proc.returncode else "")
+            run.update(exit_code=proc.returncode, stderr_head=proc.stderr[:3000] if proc.returncode else "",
+                       stderr_tail=proc.stderr[-2000:] if proc.returncode else "")
         except subprocess.TimeoutExpired:
             run = {"exit_code": None, "error": f"timed out after {args.timeout_s} s"}
         run["process_s"] = round(time.perf_counter() - start, 1)

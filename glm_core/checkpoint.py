@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .tensor_reader import TensorReader, read_in_order
+from .tensor_reader import TensorReader, read_in_order, release_staging_memory
 
 PIPELINE_CLASS_NAME = "GlmImagePipeline"
 MODEL_INDEX_FILENAME = "model_index.json"
@@ -458,6 +458,9 @@ def load_weights(module: nn.Module, component_dir, *, device, dtype,
         if failure is exc:
             raise
         raise failure from exc
+    finally:
+        if device.type == "cuda":
+            release_staging_memory()
 
     init_computed_buffers(module, device)
 

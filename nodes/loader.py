@@ -13,6 +13,11 @@ DEFAULT_MODEL_FOLDER = "GLM-Image"  # models/glm_image/GLM-Image = a download of
 # fp16 is left out: the reference reports fp16 VAE overflow (black / NaN images) for this model.
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _MAX_SCAN_DEPTH = 3  # models/glm_image/<org>/<name>/model_index.json is depth 2; stop well before a big tree
+# (folder, dtype, weights) -> the folder's files (name, size, mtime) when this process last checked them whole.
+# ComfyUI 0.33 runs the loader again whenever its cache dropped the loader's output (often: see README); the
+# full check reads every shard header and builds every stage on the meta device (seconds at the real size), so
+# an unchanged folder is not checked twice.
+_CHECKED_FOLDERS: dict[tuple[str, str, str], tuple] = {}
 
 comfy_services.register_model_folder()
 
@@ -118,5 +123,19 @@ class LoadGlmImage:
         device = comfy_services.torch_device()
         model = GlmImage.from_folder(folder, device=device, dtype=DTYPES[dtype], weights=weights, placement=placement,
                                      gpu_memory=comfy_services.gpu_memory_within_reach(device))
-        model.check()  # every config, shard index and shard header now, not when a stage first runs
+        files = _files_of(folder)
+        key = (str(folder), dtype, model.weights)
+        if _CHECKED_FOLDERS.get(key) != files:
+            model.check()  # every config, shard index and shard header now, not when a stage first runs
+            _CHECKED_FOLDERS[key] = files
         return (model,)
+
+
+def _files_of(folder: Path) -> tuple:
+    """(relative name, size, mtime) of every file under the folder: what a re-download or an edit changes."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            entries.append((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)

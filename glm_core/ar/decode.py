@@ -293,18 +293,33 @@ def decode_layer_runner(model: GlmImageAR):
     return run_layer
 
 
+def cuda_graphs_supported() -> bool:
+    """Whether the decode step may be captured into a CUDA graph: not under the cudaMallocAsync allocator, which
+    ComfyUI turns on by default (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync). There the first generation
+    aborted the whole process ("uncaptured free of a captured allocation", then a CUDA invalid-argument error
+    thrown from a tensor's destructor): in ComfyUI 0.33.0 on the H200, and again in a plain process with the
+    capture on the warm-up's own stream (bench/ar_graph_allocators.py). Eager decoding gives the same tokens,
+    only slower; start ComfyUI with --disable-cuda-malloc for the graph."""
+    if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        _note_no_cuda_graph()
+        return False
+    return True
+
+
+@functools.cache
+def _note_no_cuda_graph() -> None:  # cached: said once per process
+    log.info("AR decode: no CUDA graph under the cudaMallocAsync allocator (ComfyUI's default); "
+             "start ComfyUI with --disable-cuda-malloc for faster token generation")
+
+
 @functools.cache
 def _capture_stream(device_index: int) -> torch.cuda.Stream:
     """One side stream per GPU for the warm-up steps and the graph capture, reused by every generation.
 
     - cuBLAS keeps a 32 MiB workspace for each stream it has run on: a new pool stream per generation held one
       more workspace each time (+34 MB per image until the pool's 32 streams wrapped around, measured on the H200).
-    - The capture runs on the stream the warm-up ran on (ComfyUI captures its own graphs the same way), so
-      nothing is first allocated for this stream inside the capture. Under the cudaMallocAsync allocator
-      (ComfyUI's default) an allocation made during capture belongs to the graph, and a tensor from it freed
-      before the graph's first launch aborted the process ("uncaptured free of a captured allocation", then a
-      CUDA invalid-argument error thrown from a destructor; ComfyUI 0.33.0 on the H200, when the capture ran on
-      torch's own capture stream).
+    - The capture runs on the stream the warm-up ran on (as ComfyUI captures its own graphs), so the capture
+      finds that stream's cuBLAS workspace already allocated instead of allocating one into the graph.
     """
     return torch.cuda.Stream(device_index)
 
@@ -372,7 +387,7 @@ def generate_sequences(
     plan = prepare_prompt(model, inputs, copies)
     device = model.device
     if use_cuda_graph is None:
-        use_cuda_graph = device.type == "cuda"
+        use_cuda_graph = device.type == "cuda" and cuda_graphs_supported()
     total = plan.num_new_tokens
     cache = loop = None
     try:
