@@ -275,16 +275,14 @@ def test_out_of_memory_while_the_dit_loads(server, comfy, tiny_checkpoint, monke
     prompt[LOADER]["inputs"]["model_folder"] = name  # a model whose DiT is not loaded yet
     # The AR part first, so that only the DiT's load meets the failure.
     assert server.queue(ar_only(prompt)).result.status == "success"
-    real_to = torch.Tensor.to
+    reader = sys.modules[f"{server.pack.module_name}.glm_core.tensor_reader"]
 
-    def to_device_out_of_memory(tensor, *args, **kwargs):
-        if "device" in kwargs:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
-        return real_to(tensor, *args, **kwargs)
+    def read_out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
     before = server.outputs()
     with monkeypatch.context() as patch:
-        patch.setattr(torch.Tensor, "to", to_device_out_of_memory)
+        patch.setattr(reader.TensorReader, "read", read_out_of_memory)
         # The pack's own copy of glm_core (imported under the pack's module name, as ComfyUI does).
         patch.setattr(sys.modules[f"{server.pack.module_name}.glm_core.memory"], "gpu_memory",
                       lambda device: (int(0.5e9), int(12e9)))
