@@ -17,6 +17,7 @@ from .ar.vision import VisionTokenizer
 from .checkpoint import is_glm_image_folder, official_state_dict, save_sharded
 from .dit.config import DiTConfig
 from .dit.model import GlmImageDiT
+from .t5 import T5Encoder, T5EncoderConfig
 from .vae import GlmImageVAE, VAEConfig
 
 DEMO_MARKER = "RANDOM_WEIGHTS_DEMO.txt"
@@ -37,8 +38,6 @@ def write_demo_checkpoint(folder=None, *, seed: int = 0) -> Path:
     root = Path(folder) if folder is not None else default_demo_folder()
     if is_glm_image_folder(root) and (root / DEMO_MARKER).is_file():
         return root
-    from transformers import T5Config, T5EncoderModel
-
     tiny.write_tiny_layout(root)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -49,8 +48,8 @@ def write_demo_checkpoint(folder=None, *, seed: int = 0) -> Path:
         save_sharded(_bf16_state(dit), root / "transformer", "diffusion_pytorch_model", 2)
         vae = GlmImageVAE(VAEConfig.from_dict(tiny.TINY_VAE_CONFIG))
         save_file(_bf16_state(vae), str(root / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        t5_config = T5Config(**{k: v for k, v in tiny.TINY_T5_CONFIG.items() if k != "architectures"})
-        t5_state = {k: v.contiguous() for k, v in T5EncoderModel(t5_config).state_dict().items()
+        t5 = T5Encoder(T5EncoderConfig.from_dict(tiny.TINY_T5_CONFIG))
+        t5_state = {k: v.contiguous() for k, v in t5.state_dict().items()
                     if k != "encoder.embed_tokens.weight"}  # tied to `shared.weight`, as save_pretrained writes it
         save_file(t5_state, str(root / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
     (root / DEMO_MARKER).write_text("Tiny GLM-Image with RANDOM weights, written by glm_core for the demo. "

@@ -5,8 +5,8 @@ These embeddings are the DiT's only text input. The pieces, in order:
 - `byt5_token_ids(text)`: the ByT5 byte tokenizer (bytes + 3, EOS 1), written out here; the
   checkpoint's `tokenizer/` folder holds no vocabulary to read.
 - `glyph_token_ids(texts)`: per-prompt id lists with the reference's leading-pad quirk.
-- `GlyphEncoder.encode(prompts)`: transformers' T5EncoderModel (small and stable, allowed by the
-  architecture), valid positions concatenated per prompt, prompts left-padded with zeros.
+- `GlyphEncoder.encode(prompts)`: the T5 encoder (`t5.py`, transformers' arithmetic op for op), valid
+  positions concatenated per prompt, prompts left-padded with zeros.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class GlyphEncoder(nn.Module):
 
     def __init__(self, text_encoder: nn.Module, tokenizer: ByT5Tokenizer):
         super().__init__()
-        self.text_encoder = text_encoder  # transformers T5EncoderModel
+        self.text_encoder = text_encoder  # t5.T5Encoder
         self.tokenizer = tokenizer
 
     @property
@@ -132,7 +132,7 @@ class GlyphEncoder(nn.Module):
                                  device=self.device)  # (n_texts, width), right-padded
         attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences],
                                       device=self.device)
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.text_encoder(input_ids, attention_mask)
         return hidden[attention_mask.bool()][None]
 
     @torch.no_grad()
@@ -172,19 +172,16 @@ def _keep_fp32_rule(dtype: torch.dtype):
 
 def load_glyph_encoder(checkpoint_folder, device, dtype, *, dry_run: bool = False) -> GlyphEncoder:
     """GlyphEncoder from a GLM-Image folder's `text_encoder/` and `tokenizer/` (eval mode); dry_run: checks only."""
-    from transformers import T5Config, T5EncoderModel
-
     from .checkpoint import load_weights, open_checkpoint
+    from .t5 import T5Encoder, T5EncoderConfig
 
     folder = open_checkpoint(checkpoint_folder)
     component = folder.component_dir("text_encoder")
     tokenizer = ByT5Tokenizer.from_folder(folder.component_dir("tokenizer"))
-    config = T5Config.from_dict(folder.read_config("text_encoder"))
+    config = T5EncoderConfig.from_dict(folder.read_config("text_encoder"))
     with torch.device("meta"):
-        text_encoder = T5EncoderModel(config)
-    # `shared` and `encoder.embed_tokens` are one tied matrix; the file may hold either or both.
-    # Share one Parameter so load_weights fills both names from whichever key is stored.
-    text_encoder.encoder.embed_tokens = text_encoder.shared
+        text_encoder = T5Encoder(config)  # `shared` and `encoder.embed_tokens` are one Parameter: the file may
+        # hold either name or both, and load_weights fills both from whichever is stored
     load_weights(text_encoder, component, device=device, dtype=dtype, keep_fp32=_keep_fp32_rule(dtype),
                  dry_run=dry_run)
     return GlyphEncoder(text_encoder.eval().requires_grad_(False), tokenizer)

@@ -48,3 +48,15 @@ def test_tied_embedding_variants(tiny_checkpoint, glyph_encoder, tmp_path, keys)
     prompt = GLYPH_PROMPTS[7]
     assert torch.equal(variant.encode([prompt]), glyph_encoder.encode([prompt]))
 
+
+
+def test_t5_config_refuses_what_glm_image_does_not_use():
+    from glm_core.t5 import T5EncoderConfig
+    from glm_core.tiny import TINY_T5_CONFIG
+
+    assert T5EncoderConfig.from_dict(TINY_T5_CONFIG).d_model == TINY_T5_CONFIG["d_model"]
+    with pytest.raises(ValueError, match="feed_forward_proj 'relu' is not supported"):
+        T5EncoderConfig.from_dict({**TINY_T5_CONFIG, "feed_forward_proj": "relu"})
+    without_heads = {k: v for k, v in TINY_T5_CONFIG.items() if k != "num_heads"}
+    with pytest.raises(ValueError, match="lacks num_heads"):
+        T5EncoderConfig.from_dict(without_heads)
