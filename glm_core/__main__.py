@@ -224,6 +224,13 @@ def print_load(stage: str, nbytes: int, seconds: float | None) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _new_file_mode() -> int:
+    """The permissions a plain open() would give a new file here: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_images(images, paths: list[Path], demo: bool) -> None:
     """Each image to a temporary file beside its target, then renamed over it: an existing file is replaced
     whole or not at all. If a target cannot be written, the image goes to a fallback file in the temporary
@@ -239,6 +246,7 @@ def save_images(images, paths: list[Path], demo: bool) -> None:
                 partial = Path(handle.name)
             try:
                 picture.save(partial, format=IMAGE_SUFFIXES[path.suffix.lower()])
+                os.chmod(partial, _new_file_mode())  # the temporary file is private (0600); a picture is not
                 os.replace(partial, path)
             finally:
                 partial.unlink(missing_ok=True)

@@ -35,6 +35,10 @@ def test_cli_writes_png_of_requested_size(tiny_checkpoint, tmp_path):
         assert image.size == (640, 512)  # (width, height)
         assert image.mode == "RGB"
         assert np.asarray(image).std() > 0, "a flat image"
+    # The picture gets the permissions a plain open() would give it, not the private 0600 of its temporary file.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask, oct(out.stat().st_mode)
 
 
 def test_cli_tokens_only_prints_grid(tiny_checkpoint, tmp_path):
