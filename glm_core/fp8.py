@@ -38,9 +38,9 @@ Two ways to run the matmul (chosen from the input's device; `fp8_matmul_supporte
 Which layers (the caller's choice; this module only provides the contract)
     The project quantises the AR decoder's linear layers and the DiT transformer blocks' linear layers.
     Embeddings, norms, the VQ tokenizer and vision tower, the glyph encoder and the VAE stay bf16.
-    `quantize_linears_(module, include)` converts in place; `fp8_structure_` + `load_state_dict(assign=True)`
-    load a pre-quantised file written by `save_fp8_state`, whose keys are the module's own state_dict keys
-    (`<name>.weight` e4m3, `<name>.weight_scale` fp32, `<name>.bias`).
+    `use_fp8_linears_` turns a meta-built model's chosen linears into meta Fp8Linear's before loading; the loader
+    (`checkpoint.load_weights`) then quantises a bf16 checkpoint's weights as they load, or reads a pre-quantised
+    copy (`glm_core.quantize`: `<name>.weight` e4m3 beside `<name>.weight_scale` fp32, official key names).
 
 Dtypes moved with the module: `Fp8Linear` keeps `weight` in e4m3 and `weight_scale` in fp32 through
 `module.to(dtype)` / `.half()` / `.bfloat16()` (they follow device moves only); a loader that casts
@@ -50,8 +50,7 @@ layers alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +63,6 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # The smallest scale ever used: fp32's smallest normal number. Keeps all-zero rows at zero (0 / tiny = 0)
 # and keeps rows of denormal-sized values from dividing by a denormal (or by zero on flush-to-zero hardware).
 MIN_SCALE = torch.finfo(torch.float32).tiny
-
-QUANTIZATION_KEY = "glm_core_quantization"
-QUANTIZATION_FORMAT = "fp8_e4m3_rowwise/1"
 
 # torch._scaled_mm on CUDA needs K and N to be multiples of 16 (checked in aten ScaledBlas.cpp); M carries
 # no such check in the torch versions read, but decode steps (M = 1..4) are padded to this many rows anyway:
@@ -281,27 +277,9 @@ def _parent_and_leaf(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(parent_name) if parent_name else module), leaf
 
 
-def quantize_linears_(module: nn.Module, include: Callable[[str, nn.Linear], bool], *,
-                      use_fast_accum: bool = False) -> list[str]:
-    """Replace, in place, every nn.Linear child whose qualified name satisfies `include(name, linear)` by an
-    Fp8Linear quantised from it, one layer at a time; returns the names replaced, in module order.
-
-    Only exact nn.Linear instances are replaced (a subclass may have its own forward). Each original weight
-    is released as soon as its layer is replaced, so the peak is the partly quantised module plus one layer's
-    fp32 working copy; the caller must hold no other reference to the linears for that to happen.
-    """
-    # Names only (no references to the linears), and never "" (the root cannot be replaced in place).
-    names = [name for name, child in module.named_modules()
-             if name and type(child) is nn.Linear and include(name, child)]
-    for name in names:
-        parent, leaf = _parent_and_leaf(module, name)
-        setattr(parent, leaf, Fp8Linear.from_linear(getattr(parent, leaf), use_fast_accum=use_fast_accum))
-    return names
-
-
 def fp8_structure_(module: nn.Module, names: Iterable[str], *, use_fast_accum: bool = False) -> None:
-    """Replace the named nn.Linear children by meta-device Fp8Linear's of the same shape, bias and dtype,
-    ready for `load_state_dict(..., assign=True)` from a pre-quantised file."""
+    """Replace the named nn.Linear children by meta-device Fp8Linear's of the same shape, bias and dtype, for the
+    loader to fill (quantising a bf16 checkpoint, or reading a pre-quantised copy as stored)."""
     for name in names:
         if not name:
             raise ValueError("fp8_structure_: the root module cannot be replaced in place; call it on its parent")
@@ -316,56 +294,6 @@ def fp8_structure_(module: nn.Module, names: Iterable[str], *, use_fast_accum: b
             raise ValueError(f"fp8_structure_: {name!r} is a {type(linear).__name__}, not an nn.Linear")
         setattr(parent, leaf, Fp8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                         device="meta", dtype=linear.weight.dtype, use_fast_accum=use_fast_accum))
-
-
-# --------------------------------------------------------------------------------------------
-# Pre-quantised files
-
-
-def save_fp8_state(module: nn.Module, path, metadata: dict[str, str] | None = None) -> None:
-    """Write `module.state_dict()` to one safetensors file (e4m3 tensors as F8_E4M3, keys unchanged) with
-    metadata {QUANTIZATION_KEY: QUANTIZATION_FORMAT, **metadata}."""
-    from safetensors.torch import save_file
-
-    metadata = dict(metadata or {})
-    if QUANTIZATION_KEY in metadata:
-        raise ValueError(f"save_fp8_state: metadata key {QUANTIZATION_KEY!r} is written by save_fp8_state itself")
-    bad = {k: type(v).__name__ for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
-    if bad:
-        raise ValueError(f"save_fp8_state: safetensors metadata must map str to str; convert these first: {bad}")
-    state = {key: tensor.detach().contiguous() for key, tensor in module.state_dict().items()}
-    meta = [key for key, tensor in state.items() if tensor.is_meta]
-    if meta:
-        raise ValueError(f"save_fp8_state: {len(meta)} tensors are still on the meta device (not loaded), "
-                         f"e.g. {meta[0]!r}")
-    save_file(state, str(path), metadata={QUANTIZATION_KEY: QUANTIZATION_FORMAT, **metadata})
-
-
-def read_quantization(path) -> dict[str, str] | None:
-    """The metadata of a file written by `save_fp8_state`, or None for a file without quantisation metadata
-    (e.g. an original bf16 shard). Raises ValueError for a quantisation format this glm_core cannot read."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path)), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    found = metadata.get(QUANTIZATION_KEY)
-    if found is None:
-        return None
-    if found != QUANTIZATION_FORMAT:
-        raise ValueError(f"{path}: quantisation format {found!r}, this glm_core reads {QUANTIZATION_FORMAT!r} "
-                         "(re-create the file from the bf16 checkpoint with this version)")
-    return metadata
-
-
-def fp8_names_in_file(path) -> list[str]:
-    """Names of the quantised layers in a pre-quantised file (the modules with a `weight_scale` key),
-    for `fp8_structure_`."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path)), framework="pt") as handle:
-        keys = list(handle.keys())
-    leaf = "weight_scale"
-    return sorted(key[: -len(leaf)].rstrip(".") for key in keys if key == leaf or key.endswith("." + leaf))
 
 
 # --------------------------------------------------------------------------------------------

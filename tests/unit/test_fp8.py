@@ -11,13 +11,10 @@ here against an independent emulation (quantise x per row, fp32 matmul of the e4
 
 from __future__ import annotations
 
-import gc
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from glm_core import fp8
@@ -356,99 +353,38 @@ class _Block(nn.Module):
         return self.head(h)
 
 
-def test_quantize_linears_respects_include_keeps_shapes_and_frees_the_originals():
-    torch.manual_seed(0)
-    model = _Block().requires_grad_(False)
-    ids = torch.randint(0, 10, (2, 7))
-    expected = model(ids)
-    untouched = {name: model.get_submodule(name) for name in ("embed", "norm", "head")}
-    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    originals = {name: weakref.ref(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+def test_pre_quantised_copy_loads_bit_identical_to_quantising_on_load(demo_folder, tmp_path):
+    """The product's own FP8 file path: `python -m glm_core.quantize` writes the copy (official layout, e4m3 +
+    fp32 scales), and loading it gives the very tensors (so the same outputs) that quantising the bf16 folder on
+    load gives."""
+    from glm_core.ar.model import load_ar
+    from glm_core.dit.model import load_dit
+    from glm_core.quantize import write_fp8_copy
 
-    seen = []
-
-    def include(name, linear):
-        seen.append((name, type(linear)))
-        return name != "head"
-
-    replaced = fp8.quantize_linears_(model, include)
-    gc.collect()
-    assert replaced == ["attn.qkv", "attn.o", "mlp.0", "mlp.2"]
-    assert {name for name, _ in seen} == {"attn.qkv", "attn.o", "mlp.0", "mlp.2", "head"}
-    assert all(kind is nn.Linear for _, kind in seen)
-    for name in replaced:
-        layer = model.get_submodule(name)
-        assert isinstance(layer, fp8.Fp8Linear) and tuple(layer.weight.shape) == shapes[name]
-        assert originals[name]() is None, f"the original weight of {name} is still alive"
-    assert (model.attn["o"].bias is None) and (model.attn["qkv"].bias is not None)
-    for name, module in untouched.items():
-        assert model.get_submodule(name) is module
-    assert originals["head"]() is not None
-    assert _relative(model(ids), expected) <= 0.05
+    copy = write_fp8_copy(demo_folder, tmp_path / "fp8", device="cpu")
+    for load in (load_ar, load_dit):
+        on_load = load(demo_folder, "cpu", torch.bfloat16, weights="fp8", compile=False)
+        stored = load(copy, "cpu", torch.bfloat16, weights="fp8", compile=False)
+        expected, got = on_load.state_dict(), stored.state_dict()
+        assert list(expected) == list(got)
+        quantised = [key for key, tensor in expected.items() if tensor.dtype == torch.float8_e4m3fn]
+        assert quantised, f"{load.__name__}: no FP8 layer"
+        for key, tensor in expected.items():
+            assert got[key].dtype == tensor.dtype, key
+            assert torch.equal(got[key].view(torch.uint8), tensor.view(torch.uint8)) if tensor.dtype == \
+                torch.float8_e4m3fn else torch.equal(got[key], tensor), key
+    with pytest.raises(ValueError, match="already exists"):
+        write_fp8_copy(demo_folder, copy, device="cpu")
 
 
-def test_quantize_linears_leaves_linear_subclasses_alone():
-    class Special(nn.Linear):
-        pass
-
-    model = nn.Sequential(nn.Linear(8, 8), Special(8, 8))
-    assert fp8.quantize_linears_(model, lambda name, linear: True) == ["0"]
-    assert type(model[1]) is Special
-
-
-def test_pre_quantised_file_round_trip_into_a_meta_structure(tmp_path):
-    torch.manual_seed(0)
-    model = _Block().to(torch.bfloat16).requires_grad_(False)
-    names = fp8.quantize_linears_(model, lambda name, linear: name.startswith(("attn", "mlp")))
-    path = tmp_path / "ar_fp8.safetensors"
-    fp8.save_fp8_state(model, path, {"component": "vision_language_encoder"})
-
-    metadata = fp8.read_quantization(path)
-    assert metadata == {"glm_core_quantization": "fp8_e4m3_rowwise/1", "component": "vision_language_encoder"}
-    assert fp8.fp8_names_in_file(path) == sorted(names)
-
-    with torch.device("meta"):
-        fresh = _Block().to(torch.bfloat16)
-    fp8.fp8_structure_(fresh, fp8.fp8_names_in_file(path))
-    assert isinstance(fresh.attn["qkv"], fp8.Fp8Linear) and fresh.attn["qkv"].weight.is_meta
-    assert type(fresh.head) is nn.Linear
-    loaded = load_file(str(path))
-    assert loaded["attn.qkv.weight"].dtype == torch.float8_e4m3fn
-    assert loaded["attn.qkv.weight_scale"].dtype == torch.float32
-    fresh.load_state_dict(loaded, strict=True, assign=True)
-
-    original_state, fresh_state = model.state_dict(), fresh.state_dict()
-    assert list(original_state) == list(fresh_state)
-    for key, tensor in original_state.items():
-        other = fresh_state[key]
-        assert other.dtype == tensor.dtype and other.device.type == "cpu", key
-        if tensor.dtype == torch.float8_e4m3fn:  # bit-exact bytes, NaN-safe
-            assert torch.equal(other.view(torch.uint8), tensor.view(torch.uint8)), key
-        else:
-            assert torch.equal(other, tensor), key
-    ids = torch.randint(0, 10, (1, 5))
-    torch.testing.assert_close(fresh(ids), model(ids), rtol=0, atol=0)
-
-
-def test_pre_quantised_file_errors_and_plain_files(tmp_path):
-    plain = tmp_path / "plain.safetensors"
-    save_file({"w": torch.zeros(2)}, str(plain))
-    assert fp8.read_quantization(plain) is None
-    newer = tmp_path / "newer.safetensors"
-    save_file({"w": torch.zeros(2)}, str(newer), metadata={"glm_core_quantization": "fp8_e4m3_rowwise/2"})
-    with pytest.raises(ValueError, match="fp8_e4m3_rowwise/2"):
-        fp8.read_quantization(newer)
-
-    layer = fp8.Fp8Linear(8, 4, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="str to str"):
-        fp8.save_fp8_state(layer, tmp_path / "x.safetensors", {"steps": 50})
-    with pytest.raises(ValueError, match="written by save_fp8_state"):
-        fp8.save_fp8_state(layer, tmp_path / "x.safetensors", {"glm_core_quantization": "mine"})
-    with torch.device("meta"):
-        meta_layer = fp8.Fp8Linear(8, 4, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="meta device"):
-        fp8.save_fp8_state(meta_layer, tmp_path / "x.safetensors")
+def test_fp8_structure_refuses_what_it_cannot_replace():
     with pytest.raises(ValueError, match="no submodule 'nope'"):
         fp8.fp8_structure_(_Block(), ["nope"])
     with pytest.raises(ValueError, match="not an nn.Linear"):
         fp8.fp8_structure_(_Block(), ["norm"])
+    with pytest.raises(ValueError, match="root module"):
+        fp8.fp8_structure_(_Block(), [""])
+    block = _Block()
+    fp8.fp8_structure_(block, ["attn.qkv", "mlp.0"])
+    assert isinstance(block.attn["qkv"], fp8.Fp8Linear) and block.attn["qkv"].weight.is_meta
+    assert block.attn["qkv"].bias is not None and type(block.head) is nn.Linear
