@@ -4,7 +4,7 @@ ComfyUI starts PyTorch with `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` on
 run under PyTorch's own caching allocator ("native"). For each allocator a child process loads the AR (bf16, all on
 the GPU), samples tokens for 512² twice, a batch of two, and 1024² twice (seeds differ; memory released between
 generations as ComfyUI does), and reports: the exit code (a capture that breaks the allocator aborts the process),
-any CUDA-graph fallback warning, the seconds and ms/token of each generation (host clock between synchronisations),
+any CUDA-graph fallback warning, the seconds and ms/token of each generation (bench.harness's clock: host time between synchronisations),
 and a digest of every token grid. The same seeds must give the same tokens under both allocators.
 
     python3 -m bench.ar_graph_allocators --model /tmp/glm-image --out $OUT
@@ -31,6 +31,7 @@ CASES = (("512_first", 512, 512, 1, 1), ("512", 512, 512, 1, 2), ("512_batch2", 
 def child(folder: str, force_graph: bool = False) -> dict:
     import torch
 
+    from bench.harness import time_once
     from bench.workloads import T2I_PROMPT
     from glm_core import pipeline
 
@@ -44,19 +45,16 @@ def child(folder: str, force_graph: bool = False) -> dict:
     torch.set_grad_enabled(False)
     result = {"allocator": torch.cuda.get_allocator_backend(), "cases": {}, "warnings": []}
     model = pipeline.GlmImage.from_folder(folder, placement="gpu", weights="bf16")
-    start = time.perf_counter()
-    model.prepare(["ar"])
-    torch.cuda.synchronize()
-    result["ar_load_s"] = round(time.perf_counter() - start, 3)
+    device = torch.device("cuda", torch.cuda.current_device())
+    result["ar_load_s"] = round(time_once(lambda: model.prepare(["ar"]), device, wall=True), 3)
     for name, width, height, batch, seed in cases:
         cond = pipeline.encode_prompt(model, T2I_PROMPT, width, height)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            tokens = pipeline.generate_tokens(model, cond, seed=seed, batch_size=batch)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            generated_tokens = []
+            seconds = time_once(lambda: generated_tokens.append(
+                pipeline.generate_tokens(model, cond, seed=seed, batch_size=batch)), device, wall=True)
+            tokens = generated_tokens.pop()
         result["warnings"] += [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
         grids = tokens.grid_ids.cpu().contiguous()
         gh, gw = grids.shape[1:]

@@ -1,8 +1,8 @@
 """Reading a component's weights onto the GPU: safetensors' own `get_tensor` on the device (what the loader did
 before), against `glm_core.tensor_reader` with 1, READ_THREADS and 2 * READ_THREADS threads. Every tensor of the
 component's files is read (no model built); the files are read once first so that every variant finds them in the
-page cache, and the variants are timed in turn, twice, host clock between synchronisations (a whole read is
-seconds long). Each variant's tensors are checked against the first's.
+page cache, and the variants are timed in turn, twice, on bench.harness's clock (host clock between
+synchronisations: a whole read is seconds long). Each variant's tensors are checked against the first's.
 
     python3 -m bench.weight_reading --model /tmp/glm-image --component vision_language_encoder --out $OUT
 """
@@ -12,13 +12,13 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from bench.cold_start import read_into_page_cache
+from bench.harness import time_once
 from glm_core.checkpoint import open_checkpoint, read_headers
 from glm_core.tensor_reader import READ_THREADS, TensorReader, read_in_order
 
@@ -63,11 +63,9 @@ def main(argv=None) -> int:
     results, first = {}, None
     for repeat in range(args.repeats):
         for name, read in variants.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            tensors = read()
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            result = []
+            elapsed = time_once(lambda: result.append(read()), device, wall=True)
+            tensors = result.pop()
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             if first is None:
                 first = {key: t.reshape(-1).view(torch.uint8)[:4096].clone() for key, t in tensors.items()}

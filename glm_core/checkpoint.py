@@ -34,15 +34,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .tensor_reader import TensorReader, read_in_order, release_staging_memory
+from .tensor_reader import STORED_DTYPES, TensorReader, read_in_order, release_staging_memory
 
 PIPELINE_CLASS_NAME = "GlmImagePipeline"
 MODEL_INDEX_FILENAME = "model_index.json"
 SINGLE_FILE_WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 INDEX_SUFFIX = ".safetensors.index.json"
 
-# safetensors header dtype strings -> torch dtypes (only to report / to tell float from int).
-_SAFETENSORS_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# The safetensors header dtype strings of floating-point tensors (cast to the compute dtype on load).
+_SAFETENSORS_FLOAT_DTYPES = {name for name, dtype in STORED_DTYPES.items() if dtype.is_floating_point}
 
 
 class CheckpointError(ValueError):
