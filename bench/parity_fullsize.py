@@ -4,6 +4,7 @@ the reference's own bf16 error on the same inputs (the yardstick, ../shared/refe
     python -m bench.parity_fullsize --out DIR     # real configuration, one GPU, a few minutes
     python -m bench.parity_fullsize --tiny        # tiny configuration on the CPU (smoke test)
     python -m bench.parity_fullsize --model DIR   # real weights from a GLM-Image folder
+    python -m bench.parity_fullsize --only glyph  # one phase (or several, comma-separated)
 
 Per the yardstick's rules:
 - the same bf16-representable weights on every side (random bf16 values; an fp32 reference holds them
@@ -17,7 +18,10 @@ Per the yardstick's rules:
   agreement overall and by the fp32 top-2 margin (> 0.05, > 0.1, > 0.25), mean KL(fp32 ‖ test) at T = 0.9.
 
 Phases (one at a time, GPU freed in between): ar (fp32 reference 40 GB → cast in place to bf16
-20 GB → ours shares it), dit (28 GB → 14 GB), vae. Results are written after every comparison.
+20 GB → ours shares it), dit (28 GB → 14 GB), vae, glyph (ByT5 encoder, 0.9 GB in fp32). Results are
+written after every comparison. The glyph phase loads both sides from a folder (--model's, else a random-weight
+text_encoder/ written to a temporary folder), so that ours goes through glm_core's own loader and T5
+(`load_glyph_encoder`) and the reference through `T5EncoderModel.from_pretrained` + the pipeline's `encode_prompt`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from bench.harness import Deadline, PhaseRunner, Report, fmt, log  # noqa: E402
 FP32, BF16 = torch.float32, torch.bfloat16
 MARGINS = (0.05, 0.1, 0.25)
 KL_TEMPERATURE = 0.9
-PHASE_SHARE = {"ar": 0.55, "dit": 0.25, "vae": 0.12}
+# Each phase's share of --budget-s, renormalised over the phases --only selects. The glyph phase runs last: by
+# then transformers / diffusers are imported and the GPU is warm, and its ~20 s cannot delay the big phases.
+PHASE_SHARE = {"ar": 0.55, "dit": 0.25, "vae": 0.12, "glyph": 0.08}
 
 # The reference's own bf16-vs-fp32 error as measured on 2026-11-26 (bf16-yardstick.md), for the table.
 YARDSTICK_DOC = {
@@ -46,7 +52,18 @@ YARDSTICK_DOC = {
     "ar.prefill": "≈2.5e-2",
     "dit.cond": "1.26e-2", "dit.uncond": "1.26e-2", "dit.guided": "1.83e-2",
     "vae.decode": "1.9e-2 – 2.5e-2, PSNR 48.9–49.3 dB",
+    "glyph.embeds": "not measured there (this run's reference_bf16 row is the yardstick)",
 }
+
+# Prompts as users write them for text rendering: English in straight double quotes, Chinese in corner brackets
+# (three UTF-8 bytes, so three ByT5 ids, per character). Each holds two texts, so the reference's leading-pad
+# quirk (spec §6.13) is in play: 81 and 61 glyph tokens.
+GLYPH_PROMPTS = (
+    'A vintage travel poster of a lighthouse on a rocky coast at dusk, the headline "VISIT THE NORTHERN LIGHTS '
+    'COAST" in bold capitals at the top and "Ferries daily from Harbor Pier 3, 9 AM to 6 PM" in small print at '
+    'the bottom',
+    "一家咖啡店门口的手写黑板菜单，顶部写着「今日推荐」，下面写着「燕麦拿铁 28元 / 手冲耶加雪菲 35元」，粉笔字，暖色灯光",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +397,70 @@ def phase_vae(p: Parity, clock: Deadline) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Glyph
+
+
+def glyph_folder(p: Parity, scratch: Path) -> Path:
+    """The GLM-Image folder whose text_encoder/ and tokenizer/ both sides load: --model's, or else one written into
+    `scratch` by bench.fullsize_checkpoint (its layout files and a T5 of the run's size with random bf16-valued
+    weights, fp32 on disk like the official file)."""
+    if p.folder is not None:
+        return p.folder
+    from bench import fullsize_checkpoint
+    from glm_core import tiny
+
+    t5_config = tiny.TINY_T5_CONFIG if p.args.tiny else fullsize_checkpoint.REAL_T5_CONFIG
+    fullsize_checkpoint.write_layout(scratch, p.configs.ar)
+    fullsize_checkpoint.save_t5(scratch, t5_config, p.device, p.args.seed + 3,
+                                fullsize_checkpoint.DEFAULT_MAX_SHARD_SIZE)
+    return scratch
+
+
+def phase_glyph(p: Parity, clock: Deadline) -> None:
+    import tempfile
+
+    from diffusers import GlmImagePipeline
+
+    from glm_core.glyph import extract_glyph_texts, glyph_token_ids, load_glyph_encoder
+    from tests.reference import reference_byt5_tokenizer, reference_t5
+
+    prompts, device = list(GLYPH_PROMPTS), p.device
+    with tempfile.TemporaryDirectory(prefix="parity_glyph_") as scratch, torch.no_grad():
+        folder = glyph_folder(p, Path(scratch))
+        # The reference as the pipeline loads it (`from_pretrained(dtype=bfloat16)`); its glyph code is the
+        # pipeline's own `encode_prompt`, on a pipeline holding only the tokenizer and the text encoder.
+        reference = reference_t5(folder, BF16).to(device)
+        pipe = GlmImagePipeline(tokenizer=reference_byt5_tokenizer(folder), processor=None, text_encoder=reference,
+                                vision_language_encoder=None, vae=None, transformer=None, scheduler=None)
+        ours = load_glyph_encoder(folder, device, BF16)
+        log(f"  glyph encoders loaded from {'--model' if p.folder else 'a random-weight folder'} "
+            f"({models.parameter_bytes(reference) / 1e9:.2f} GB in bf16)", p.deadline)
+        ours_weights, reference_weights = ours.text_encoder.state_dict(), reference.state_dict()
+        p.report.set("glyph.weights_equal_reference_bf16", ours_weights.keys() == reference_weights.keys() and all(
+            torch.equal(ours_weights[key], reference_weights[key]) for key in ours_weights))
+        p.report.set("glyph.inputs", {
+            "prompts": prompts, "texts": [extract_glyph_texts(prompt) for prompt in prompts],
+            "glyph_tokens": [sum(len(ids) for ids in glyph_token_ids(extract_glyph_texts(prompt), ours.tokenizer))
+                             for prompt in prompts]})
+
+        def run_reference(dtype) -> dict:
+            embeds, negative = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, device=device,
+                                                  dtype=dtype)
+            return {"embeds": embeds.float().cpu(), "negative": negative.float().cpu()}  # (B, L, d), (B, 1, d)
+
+        r16 = run_reference(BF16)
+        # The fp32 reference computes on exactly the bf16 weights both bf16 sides hold (the official file is
+        # fp32: rounded once by the bf16 load, then widened back exactly).
+        models.cast_parameters_(reference, FP32)
+        r32 = run_reference(FP32)
+        results = {"embeds": ours.encode(prompts), "negative": ours.encode_negative(len(prompts))}
+        for key in r32:
+            p.record(f"glyph.{key}.reference_bf16", compare(r16[key], r32[key]))
+            p.record(f"glyph.{key}.ours", compare(results[key], r32[key]))
+            p.record(f"glyph.{key}.ours_vs_reference_bf16", compare(results[key], r16[key]))
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 
 
@@ -394,6 +475,8 @@ DIT_ROWS = [("cond", "DiT velocity 1024², conditional"), ("uncond", "DiT veloci
             ("guided_ref", "DiT guided velocity + one ref KV")]
 SIDES = ("reference_bf16", "ours", "ours_vs_reference_bf16")  # the first two against the fp32 reference
 VAE_ROWS = [("decode", "VAE decode 1024²"), ("encode", "VAE encode 1024² (mode, normalised)")]
+GLYPH_ROWS = [("embeds", "glyph embeddings, two quoted-text prompts"),
+              ("negative", "glyph embedding of the empty negative prompt")]
 
 
 def _ratio(ours: dict | None, ref: dict | None) -> str:
@@ -429,7 +512,8 @@ def render_markdown(data: dict) -> str:
                       f"{fmt(vq.get('reference_bf16'), 4)}, ours {fmt(vq.get('ours'), 4)}",
                   f"- our positions equal the reference's: {ar.get('positions_equal_reference')}",
                   f"- yardstick document (H100, 2026-11-26): {YARDSTICK_DOC['ar.teacher_forced']}", ""]
-    for section, rows, doc_prefix in (("dit", DIT_ROWS, "dit"), ("vae", VAE_ROWS, "vae")):
+    for section, rows, doc_prefix in (("dit", DIT_ROWS, "dit"), ("vae", VAE_ROWS, "vae"),
+                                      ("glyph", GLYPH_ROWS, "glyph")):
         block = data.get(section) or {}
         if not any(block.get(k) for k, _ in rows):
             continue
@@ -445,6 +529,10 @@ def render_markdown(data: dict) -> str:
                              f"{fmt(r.get('psnr_db'), 4)} | {fmt(r.get('worst_pixel_255'))} | "
                              f"{_ratio(r, entry.get('reference_bf16')) if side == 'ours' else '–'} | "
                              f"{YARDSTICK_DOC.get(f'{doc_prefix}.{key}', '') if side == 'reference_bf16' else ''} |")
+        if section == "glyph":
+            inputs = block.get("inputs") or {}
+            lines += ["", f"- glyph tokens per prompt: {inputs.get('glyph_tokens')}; our weights equal the bf16 "
+                          f"reference's: {block.get('weights_equal_reference_bf16')}"]
         lines.append("")
     lines += harness.markdown_tail(data)
     return "\n".join(lines)
@@ -452,7 +540,7 @@ def render_markdown(data: dict) -> str:
 
 def summary_text(data: dict) -> str:
     rows = [["what", "side", "rel", "max abs", "top-1", "extra", "ours/yardstick"]]
-    for section, keys in (("ar", AR_ROWS), ("dit", DIT_ROWS), ("vae", VAE_ROWS)):
+    for section, keys in (("ar", AR_ROWS), ("dit", DIT_ROWS), ("vae", VAE_ROWS), ("glyph", GLYPH_ROWS)):
         block = data.get(section) or {}
         for key, label in keys:
             entry = block.get(key) or {}
@@ -476,10 +564,17 @@ def summary_text(data: dict) -> str:
 # Entry point
 
 
+PHASES = {"ar": phase_ar, "dit": phase_dit, "vae": phase_vae, "glyph": phase_glyph}  # in running order
+
+
 def parse_args(argv):
     p = harness.common_arguments(__doc__.split("\n\n")[0], "out/parity")
-    p.add_argument("--only", default="", help="comma-separated phases: ar,dit,vae (default all)")
-    return harness.parse_common(p, argv)
+    p.add_argument("--only", default="", help=f"comma-separated phases: {','.join(PHASES)} (default all)")
+    args = harness.parse_common(p, argv)
+    unknown = {name.strip() for name in args.only.split(",") if name.strip()} - PHASES.keys()
+    if unknown:
+        p.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}; the phases are {', '.join(PHASES)}")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -494,11 +589,13 @@ def main(argv=None) -> dict:
     report.note("Inputs (yardstick): t2i prompt of random text ids + image-start with the 1024² grids; "
                 "forced tokens = random codebook ids; DiT latents randn (1,16,128,128), glyph randn (1,32,1472), "
                 "negative (1,1,1472), prior ids = 2x-upsampled random 32x32 grid, t = 499; VAE z randn "
-                "de-normalised with the per-channel mean/std. All inputs rounded to bf16 values.")
+                "de-normalised with the per-channel mean/std. All inputs rounded to bf16 values. Glyph: "
+                "GLYPH_PROMPTS (two quoted texts each), the empty negative prompt.")
     selected = {p.strip() for p in args.only.split(",") if p.strip()} or None
     runner = PhaseRunner(report, deadline, device, selected)
-    for name, fn in (("ar", phase_ar), ("dit", phase_dit), ("vae", phase_vae)):
-        cap = PHASE_SHARE[name] * args.budget_s
+    selected_share = sum(share for name, share in PHASE_SHARE.items() if selected is None or name in selected)
+    for name, fn in PHASES.items():
+        cap = PHASE_SHARE[name] / selected_share * args.budget_s
         runner.run(name, lambda fn=fn, cap=cap: fn(parity, Deadline(cap)),
                    share=min(1.0, cap / max(deadline.remaining(), 1e-3)), min_s=min(30.0, cap / 3))
     print("\n" + summary_text(report.data), flush=True)

@@ -147,6 +147,7 @@ def test_parity_tiny_ours_within_the_reference_bf16_error(tmp_path):
     checks = [(ar, k) for k in ("teacher_forced", "prefill", "edit_prefill")]
     checks += [(dit, k) for k in ("cond", "uncond", "guided", "cond_ref", "guided_ref")]
     checks += [(vae, k) for k in ("decode", "encode")]
+    checks += [(data["glyph"], k) for k in ("embeds", "negative")]  # random weights in a temporary folder
     for block, key in checks:
         ours, yardstick = block[key]["ours"], block[key]["reference_bf16"]
         assert ours["finite"] and 0 < yardstick["rel"] < 0.05, (key, yardstick)
@@ -160,6 +161,36 @@ def test_parity_with_a_checkpoint_folder(tmp_path, tiny_checkpoint):
     data = _run("bench.parity_fullsize", "parity", tmp_path, "--model", str(tiny_checkpoint), "--only", "ar")
     assert set(data["phases"]) == {"ar"}
     assert data["ar"]["teacher_forced"]["ours"]["rel"] <= 1.5 * data["ar"]["teacher_forced"]["reference_bf16"]["rel"]
+
+
+def test_parity_glyph_phase_on_the_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    """`--only glyph` loads ours (glm_core's loader and T5) and the reference (`T5EncoderModel` + the pipeline's
+    `encode_prompt`) from the folder; on the CPU our bf16 embeddings are the reference's bf16 ones (bitwise in
+    tests/parity/test_glyph.py, so a T5 bug shows here as a large error), and both are as far from fp32."""
+    data = _run("bench.parity_fullsize", "parity", tmp_path, "--model", str(tiny_checkpoint), "--only", "glyph")
+    assert set(data["phases"]) == {"glyph"}
+    glyph = data["glyph"]
+    assert glyph["weights_equal_reference_bf16"] is True
+    assert all(60 <= n <= 120 for n in glyph["inputs"]["glyph_tokens"]), glyph["inputs"]
+    for key in ("embeds", "negative"):
+        ours, yardstick, direct = (glyph[key][side] for side in ("ours", "reference_bf16", "ours_vs_reference_bf16"))
+        for result in (ours, yardstick, direct):
+            assert result["finite"] and math.isfinite(result["rel"]) and math.isfinite(result["max_abs"]), (key, result)
+        assert 0 < yardstick["rel"] < 0.05, (key, yardstick)
+        assert direct["rel"] <= 1e-3, (key, direct)
+        assert ours["rel"] <= 1.2 * yardstick["rel"], (key, ours["rel"], yardstick["rel"])
+    text = (tmp_path / "parity.md").read_text()
+    assert "## GLYPH" in text and "| glyph embeddings, two quoted-text prompts | ours |" in text
+    assert "glyph tokens per prompt: [81, 61]" in text
+
+
+def test_parity_only_names_known_phases():
+    from bench.parity_fullsize import PHASES, parse_args
+
+    assert list(PHASES) == ["ar", "dit", "vae", "glyph"]
+    assert parse_args(["--only", "glyph,vae"]).only == "glyph,vae"
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "glyf"])
 
 
 def test_ar_decode_bytes_is_the_decoder_and_head_of_the_real_model():
