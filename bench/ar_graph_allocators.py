@@ -1,11 +1,14 @@
 """The AR decode's CUDA graph under both of PyTorch's CUDA allocators, each in a fresh process.
 
 ComfyUI starts PyTorch with `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` on Nvidia cards; the CLI and the API
-run under PyTorch's own caching allocator ("native"). For each allocator a child process loads the AR (bf16, all on
-the GPU), samples tokens for 512² twice, a batch of two, and 1024² twice (seeds differ; memory released between
-generations as ComfyUI does), and reports: the exit code (a capture that breaks the allocator aborts the process),
-any CUDA-graph fallback warning, the seconds and ms/token of each generation (bench.harness's clock: host time between synchronisations),
-and a digest of every token grid. The same seeds must give the same tokens under both allocators.
+run under PyTorch's own caching allocator ("native"). Under cudaMallocAsync the graph holds the plain layer calls
+(no Triton kernel can be captured there, glm_core.ar.decode.triton_in_graphs_breaks), so a third child runs the
+native allocator with compiling off (GLM_CORE_NO_COMPILE=1), the same function as the cudaMallocAsync child. Each
+child process loads the AR (bf16, all on the GPU), samples tokens for 512² twice, a batch of two, and 1024² twice
+(seeds differ; memory released between generations as ComfyUI does), and reports: the exit code (a capture that
+breaks the allocator aborts the process), any CUDA-graph fallback warning, the seconds and ms/token of each
+generation (bench.harness's clock: host time between synchronisations), and a digest of every token grid. The
+cudaMallocAsync child must give the same tokens as the plain native one, and every child must exit cleanly.
 
     python3 -m bench.ar_graph_allocators --model /tmp/glm-image --out $OUT
 """
@@ -22,13 +25,16 @@ import time
 import warnings
 from pathlib import Path
 
-ALLOCATORS = {"native": None, "cudaMallocAsync": "backend:cudaMallocAsync"}
+# child name: (PYTORCH_CUDA_ALLOC_CONF, compile off)
+CHILDREN = {"native": (None, False), "cudaMallocAsync": ("backend:cudaMallocAsync", False),
+            "native_plain_layers": (None, True)}
+SAME_FUNCTION = ("cudaMallocAsync", "native_plain_layers")
 # (name, width, height, batch, seed): the first 512² includes compiling and capturing
 CASES = (("512_first", 512, 512, 1, 1), ("512", 512, 512, 1, 2), ("512_batch2", 512, 512, 2, 3),
          ("1024_first", 1024, 1024, 1, 4), ("1024", 1024, 1024, 1, 5))
 
 
-def child(folder: str, force_graph: bool = False) -> dict:
+def child(folder: str) -> dict:
     import torch
 
     from bench.harness import time_once
@@ -36,11 +42,6 @@ def child(folder: str, force_graph: bool = False) -> dict:
     from glm_core import pipeline
 
     cases = CASES
-    if force_graph:  # diagnosis: capture even where glm_core declines to (cudaMallocAsync), one generation
-        import glm_core.ar.decode as decode
-
-        decode.cuda_graphs_supported = lambda: True
-        cases = CASES[:1]
 
     torch.set_grad_enabled(False)
     result = {"allocator": torch.cuda.get_allocator_backend(), "cases": {}, "warnings": []}
@@ -73,25 +74,26 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--force-graph", action="store_true",
-                   help="with --child: capture the graph under any allocator, one 512² generation (diagnosis; run "
-                        "with python3 -X faulthandler to see the Python stack of an abort)")
     p.add_argument("--timeout-s", type=float, default=240)
     args = p.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(args.model, args.force_graph)), flush=True)
+        print("RESULT " + json.dumps(child(args.model)), flush=True)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "runs": {}}
-    for name, conf in ALLOCATORS.items():
+    for name, (conf, compile_off) in CHILDREN.items():
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        env.pop("GLM_CORE_NO_COMPILE", None)
         if conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        if compile_off:
+            env["GLM_CORE_NO_COMPILE"] = "1"
         start = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, "-m", "bench.ar_graph_allocators", "--model", args.model, "--child"],
+            proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "bench.ar_graph_allocators",
+                                   "--model", args.model, "--child"],
                                   env=env, capture_output=True, text=True, timeout=args.timeout_s)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             run = json.loads(lines[-1][7:]) if lines else {}
@@ -102,11 +104,11 @@ def main(argv=None) -> int:
         run["process_s"] = round(time.perf_counter() - start, 1)
         report["runs"][name] = run
         print(name, json.dumps(run, indent=1), flush=True)
-    digests = {name: {case: v["tokens_sha256"] for case, v in run.get("cases", {}).items()}
-               for name, run in report["runs"].items()}
+    digests = {name: {case: v["tokens_sha256"] for case, v in report["runs"][name].get("cases", {}).items()}
+               for name in SAME_FUNCTION}
     report["same_tokens"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1 and all(digests.values())
     report["all_exited_cleanly"] = all(run.get("exit_code") == 0 for run in report["runs"].values())
-    print(f"same tokens under both allocators: {report['same_tokens']}; all exited cleanly: "
+    print(f"same tokens, {' and '.join(SAME_FUNCTION)}: {report['same_tokens']}; all exited cleanly: "
           f"{report['all_exited_cleanly']}", flush=True)
     (out / "ar_graph_allocators.json").write_text(json.dumps(report, indent=1))
     return 0 if report["same_tokens"] and report["all_exited_cleanly"] else 1

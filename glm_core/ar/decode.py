@@ -201,13 +201,13 @@ class DecodeLoop:
     """Static buffers for one generation; `step()` has no data-dependent shapes and no host sync.
 
     tokens[:, 0] comes from the prefill; step k (k = 0 .. N-2) feeds tokens[:, k] and writes
-    tokens[:, k + 1].
+    tokens[:, k + 1]. plain_layers: the layers run without torch.compile (`triton_in_graphs_breaks`).
     """
 
     def __init__(self, model: GlmImageAR, plan: PromptPlan, cache: KVCache, *, generators,
-                 sampling_settings: Sampling | None, mask_grid: bool):
+                 sampling_settings: Sampling | None, mask_grid: bool, plain_layers: bool = False):
         self.model, self.cache = model, cache
-        self.run_layer = decode_layer_runner(model)  # None: plain layer calls
+        self.run_layer = None if plain_layers else decode_layer_runner(model)  # None: plain layer calls
         self.prompt_length = plan.input_ids.shape[1]
         self.num_tokens = plan.num_new_tokens
         batch = plan.input_ids.shape[0]
@@ -294,22 +294,30 @@ def decode_layer_runner(model: GlmImageAR):
 
 
 def cuda_graphs_supported() -> bool:
-    """Whether the decode step may be captured into a CUDA graph: not under the cudaMallocAsync allocator, which
-    ComfyUI turns on by default (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync). There the first generation
-    aborted the whole process ("uncaptured free of a captured allocation", then a CUDA invalid-argument error
-    thrown from a tensor's destructor): in ComfyUI 0.33.0 on the H200, and again in a plain process with the
-    capture on the warm-up's own stream (bench/ar_graph_allocators.py). Eager decoding gives the same tokens,
-    only slower; start ComfyUI with --disable-cuda-malloc for the graph."""
+    """Whether the decode step may be captured into a CUDA graph: yes, under both of PyTorch's allocators (see
+    `triton_in_graphs_breaks` for what changes under cudaMallocAsync) unless a capture already failed in this
+    process under cudaMallocAsync (`_keep_leftovers_of_failed_capture`)."""
+    return not _FAILED_CAPTURE_LEFTOVERS
+
+
+def triton_in_graphs_breaks() -> bool:
+    """True under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards): there, a Triton kernel
+    launched during a capture, on a buffer the capture itself allocated, fails with "CUDA driver error: invalid
+    argument" (2026-11-29 on the H200: the compiled decode layer's first fused kernel), so the decode step is
+    captured with the plain layer calls instead of the compiled ones: no Triton kernel in the graph, same
+    function, CUDA-graph replay kept."""
+    return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+
+
+# What a failed capture under cudaMallocAsync allocated: freeing it before the graph ever ran aborts the process
+# (the allocation belongs to a graph that never launched; the free fails inside a destructor). Kept for the
+# process's lifetime instead, once: later generations decode without a graph.
+_FAILED_CAPTURE_LEFTOVERS: list = []
+
+
+def _keep_leftovers_of_failed_capture(exc: BaseException) -> None:
     if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
-        _note_no_cuda_graph()
-        return False
-    return True
-
-
-@functools.cache
-def _note_no_cuda_graph() -> None:  # cached: said once per process
-    log.info("AR decode: no CUDA graph under the cudaMallocAsync allocator (ComfyUI's default); "
-             "start ComfyUI with --disable-cuda-malloc for faster token generation")
+        _FAILED_CAPTURE_LEFTOVERS.append(exc)  # its traceback's frames hold the captured tensors
 
 
 @functools.cache
@@ -345,6 +353,8 @@ def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], u
                     loop.step()  # records one step; nothing runs during capture
                 run = graph.replay
             except RuntimeError as exc:  # an op that cannot be captured: stay eager, same results
+                log.debug("AR decode: CUDA graph capture failed", exc_info=True)
+                _keep_leftovers_of_failed_capture(exc)
                 warnings.warn(f"AR decode: CUDA graph capture failed ({exc}); decoding eagerly", RuntimeWarning)
                 torch.cuda.synchronize()
         torch.cuda.current_stream().wait_stream(side)
@@ -394,7 +404,8 @@ def generate_sequences(
         cache = setup_caches(model, plan.input_ids.shape[0], plan.input_ids.shape[1] + total)
         loop = DecodeLoop(model, plan, cache,
                           generators=None if sampling_settings is None else sampling.make_generators(seeds, device),
-                          sampling_settings=sampling_settings, mask_grid=mask_grid)
+                          sampling_settings=sampling_settings, mask_grid=mask_grid,
+                          plain_layers=use_cuda_graph and triton_in_graphs_breaks())
         loop.first(prefill(model, plan, cache))
 
         reported = [0]

@@ -105,3 +105,53 @@ def test_seed_count_must_match_prompts(ar_models):
     with pytest.raises(ValueError, match="seeds"):
         generate_sequences(ours, inputs, seeds=[1, 2, 3], sampling_settings=SAMPLING)
 
+
+
+CHILD_TOKENS = """
+import sys, warnings, torch
+warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail instead
+from glm_core import pipeline
+model = pipeline.GlmImage.from_folder(sys.argv[1], device="cuda", dtype=torch.bfloat16)
+cond = pipeline.encode_prompt(model, "a red door", 512, 512)
+for seed in (1, 2):
+    tokens = pipeline.generate_tokens(model, cond, seed=seed, batch_size=seed)
+    print("TOKENS", seed, tokens.grid_ids.cpu().flatten().tolist(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the decode's CUDA graph is CUDA-only")
+def test_cuda_graph_decode_under_comfyuis_allocator(tiny_checkpoint):
+    """ComfyUI runs PyTorch with cudaMallocAsync, where a graph cannot hold Triton kernels and a failed capture
+    aborted the process. There the graph holds the plain layers: the process exits cleanly, with no failed
+    capture, and gives the tokens of the plain layers under PyTorch's own allocator."""
+    import os
+    import subprocess
+    import sys
+
+    outputs = {}
+    for name, extra_env in (("plain_native", {"GLM_CORE_NO_COMPILE": "1"}),
+                            ("cudaMallocAsync", {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"})):
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "GLM_CORE_NO_COMPILE")}
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD_TOKENS, str(tiny_checkpoint)],
+                              env={**env, **extra_env}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        outputs[name] = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS")]
+        assert len(outputs[name]) == 2, proc.stdout[-2000:]
+    assert outputs["plain_native"] == outputs["cudaMallocAsync"]
+
+
+def test_a_failed_capture_under_cudamallocasync_is_kept_and_ends_graphs(monkeypatch):
+    """Freeing what a failed capture allocated under cudaMallocAsync aborts the process: the failure is kept for
+    the process's lifetime and later generations decode without a graph. Under PyTorch's own allocator the
+    leftovers are freed as usual and graphs stay on."""
+    from glm_core.ar import decode
+
+    monkeypatch.setattr(decode, "_FAILED_CAPTURE_LEFTOVERS", [])
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    decode._keep_leftovers_of_failed_capture(RuntimeError("native"))
+    assert decode._FAILED_CAPTURE_LEFTOVERS == [] and decode.cuda_graphs_supported()
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    failure = RuntimeError("CUDA driver error: invalid argument")
+    decode._keep_leftovers_of_failed_capture(failure)
+    assert decode._FAILED_CAPTURE_LEFTOVERS == [failure]
+    assert not decode.cuda_graphs_supported()
