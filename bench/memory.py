@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 from glm_core import pipeline  # noqa: E402
 from glm_core.memory import NotEnoughGpuMemory  # noqa: E402
 from glm_core.residency import StageWeights  # noqa: E402
+from glm_core.vae import GlmImageVAE  # noqa: E402
 
 GB = 1e9
 PROMPT = 'A red fox on a snowy hill at dawn, a wooden sign that says "GLM"'
@@ -116,17 +117,36 @@ def set_cap(run: Run, cap_gb: float | None) -> None:
     torch.cuda.set_per_process_memory_fraction(1.0 if cap_gb is None else cap_gb * GB / total, run.device)
 
 
+_OPEN_PEAK_WINDOWS: list[dict] = []  # running maxima of the windows now open, outermost first
+
+
+def _fold_peaks(device) -> None:
+    """Fold torch's peak since its last reset into every open window (before a reset, and at a window's end)."""
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    for window in _OPEN_PEAK_WINDOWS:
+        window["allocated"] = max(window["allocated"], allocated)
+        window["reserved"] = max(window["reserved"], reserved)
+
+
 @contextmanager
 def peak_window(run: Run, sink: dict, key: str):
-    """Peak allocated / reserved (GB) of the block into sink[key]."""
-    if run.device.type == "cuda":
+    """Peak allocated / reserved (GB) of the block into sink[key]. Windows nest: an inner window's reset of torch's
+    peak counters does not hide the inner peak from the outer window."""
+    if run.device.type != "cuda":
+        yield
+        return
+    sync(run.device)
+    _fold_peaks(run.device)
+    torch.cuda.reset_peak_memory_stats(run.device)
+    window = {"allocated": 0, "reserved": 0}
+    _OPEN_PEAK_WINDOWS.append(window)
+    try:
+        yield
+    finally:
         sync(run.device)
-        torch.cuda.reset_peak_memory_stats(run.device)
-    yield
-    if run.device.type == "cuda":
-        sync(run.device)
-        sink[key] = {"allocated_gb": round(torch.cuda.max_memory_allocated(run.device) / GB, 3),
-                     "reserved_gb": round(torch.cuda.max_memory_reserved(run.device) / GB, 3)}
+        _fold_peaks(run.device)
+        del _OPEN_PEAK_WINDOWS[next(i for i, w in enumerate(_OPEN_PEAK_WINDOWS) if w is window)]  # not ==
+    sink[key] = {"allocated_gb": round(window["allocated"] / GB, 3), "reserved_gb": round(window["reserved"] / GB, 3)}
 
 
 class SwapClock:
@@ -190,16 +210,42 @@ def reference_pictures(sides, seed=0):
     return pictures
 
 
+@contextmanager
+def vae_peak_apart(run: Run, sink: dict):
+    """Inside a decode: the peak up to the VAE's call into sink["dit"], the VAE's own into sink["vae"]."""
+    original = GlmImageVAE.decode_latents
+
+    def decode_latents(vae, *args, **kwargs):
+        if _OPEN_PEAK_WINDOWS:  # the decode's window, so far: everything before the VAE
+            sync(run.device)
+            _fold_peaks(run.device)
+            sink["dit"] = {"allocated_gb": round(_OPEN_PEAK_WINDOWS[-1]["allocated"] / GB, 3),
+                           "reserved_gb": round(_OPEN_PEAK_WINDOWS[-1]["reserved"] / GB, 3)}
+        with peak_window(run, sink, "vae"):
+            return original(vae, *args, **kwargs)
+
+    GlmImageVAE.decode_latents = decode_latents
+    try:
+        yield
+    finally:
+        GlmImageVAE.decode_latents = original
+
+
 def image(run: Run, model, size, refs=(), steps=None, seed=0, ar_seed=0, prompt=PROMPT, **kwargs):
-    """One whole image through the public API; returns (images, seconds, split)."""
+    """One whole image through the public API; returns (images, seconds, split). split["peaks"]: the peak
+    allocated / reserved GB of each part (ar: the token generation, dit: the decode up to the VAE, vae)."""
     height, width = size
     steps = steps or run.args.steps
-    split = {}
+    split, peaks = {}, {}
     start = time.perf_counter()
     cond = pipeline.encode_prompt(model, prompt if not refs else EDIT_PROMPT, width, height, list(refs))
-    tokens, split["ar_s"] = timed(run, lambda: pipeline.generate_tokens(model, cond, seed=ar_seed, **kwargs))
-    images, split["decode_s"] = timed(run, lambda: pipeline.decode(model, cond, tokens, steps=steps, seed=seed))
+    with peak_window(run, peaks, "ar"):
+        tokens, split["ar_s"] = timed(run, lambda: pipeline.generate_tokens(model, cond, seed=ar_seed, **kwargs))
+    with peak_window(run, {}, "decode"), vae_peak_apart(run, peaks):
+        images, split["decode_s"] = timed(run, lambda: pipeline.decode(model, cond, tokens, steps=steps, seed=seed))
     sync(run.device)
+    if peaks:
+        split["peaks"] = peaks
     return images, time.perf_counter() - start, split
 
 

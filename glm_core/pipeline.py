@@ -464,6 +464,10 @@ def _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_
     dit_cond = latents = None  # the reference K/V can be GBs: free them before the VAE's large activations
     # At large sizes the VAE decoder needs more than the DiT leaves free on a small card.
     model.ensure_free(VAE_DECODE_BYTES_PER_PIXEL * cond.height * cond.width * batch, keep=["vae"])
+    if model.placement != "gpu":
+        # Where the card is short, the DiT's cached activation blocks go back before the VAE's larger ones are
+        # made, so the process holds what the VAE needs rather than both (PyTorch frees its cache only at a cap).
+        _empty_cache(device)
     return postprocess(vae.decode_latents(denoised.to(vae.dtype)))
 
 
