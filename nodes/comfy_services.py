@@ -50,6 +50,17 @@ def _comfy_utils():
     return comfy_utils
 
 
+def previews_on() -> bool:
+    """Whether ComfyUI shows previews while sampling: its `--preview-method` ("none" by default), or the queue's
+    own choice, which ComfyUI writes into the same setting before the prompt runs. Our decode's per-step preview
+    runs the VAE decoder and waits for the GPU every step, so it is made only when previews are shown."""
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return False
+    return getattr(args, "preview_method", LatentPreviewMethod.NoPreviews) != LatentPreviewMethod.NoPreviews
+
+
 # --- folders --------------------------------------------------------------------------------------
 
 def register_model_folder() -> None:

@@ -51,6 +51,8 @@ class GlmImageDiTDecode:
         def on_step(step, total, preview_rgb):
             progress(step, total, None if preview_rgb is None else image_batch_to_pil(preview_rgb[:1])[0])
 
+        previews = comfy_services.previews_on()
         images = decode(model, cond, tokens, steps=steps, guidance=guidance, seed=seed,
-                        interrupt=comfy_services.interrupt_check(), on_step=on_step)
+                        interrupt=comfy_services.interrupt_check(), progress=None if previews else progress,
+                        on_step=on_step if previews else None)
         return (images,)

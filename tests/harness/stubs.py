@@ -1,5 +1,5 @@
 """Stand-ins for the ComfyUI modules the pack may import: `folder_paths`, `comfy.utils`, `comfy.model_management`,
-`comfy.model_patcher`.
+`comfy.model_patcher`, `comfy.cli_args`.
 
 Each stub offers exactly what the pack calls, written from ComfyUI's documented behaviour (no ComfyUI code).
 Anything else the pack asks for is recorded in `ComfyStubs.violations` and raises AttributeError, so a test
@@ -39,7 +39,8 @@ class StubModule(types.ModuleType):
 class ComfyStubs:
     """One set of stub modules; `install()` puts them in sys.modules, `configure(base)` points folders at `base`."""
 
-    MODULE_NAMES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.model_patcher")
+    MODULE_NAMES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management", "comfy.model_patcher",
+                    "comfy.cli_args")
 
     def __init__(self, base_dir: Path):
         self.calls: list[tuple[str, str, tuple]] = []
@@ -55,10 +56,12 @@ class ComfyStubs:
         self._build_model_management()
         self._build_model_patcher()
         self._build_utils()
+        self._build_cli_args()
         self.modules["comfy"].__path__ = []  # a package, so `import comfy.utils` works
         self.modules["comfy"].utils = self.modules["comfy.utils"]
         self.modules["comfy"].model_management = self.modules["comfy.model_management"]
         self.modules["comfy"].model_patcher = self.modules["comfy.model_patcher"]
+        self.modules["comfy"].cli_args = self.modules["comfy.cli_args"]
         self.configure(base_dir)
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -333,6 +336,21 @@ class ComfyStubs:
         module.ModelPatcher = ModelPatcher
 
     # -- comfy.utils ----------------------------------------------------------------------------------
+
+    def _build_cli_args(self) -> None:
+        """comfy.cli_args: the parsed command line `args`; only `preview_method` is modelled. ComfyUI's default is
+        "none" (`--preview-method`); a queue's own choice (extra_data "preview_method") is written into the same
+        attribute by ComfyUI before the prompt runs (0.33's latent_preview.set_preview_method)."""
+        module = self.modules["comfy.cli_args"]
+
+        class LatentPreviewMethod(enum.Enum):
+            NoPreviews = "none"
+            Auto = "auto"
+            Latent2RGB = "latent2rgb"
+            TAESD = "taesd"
+
+        module.LatentPreviewMethod = LatentPreviewMethod
+        module.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.NoPreviews)
 
     def _build_utils(self) -> None:
         module = self.modules["comfy.utils"]

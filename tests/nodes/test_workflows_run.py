@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import json
 import weakref
 from dataclasses import dataclass
@@ -179,7 +180,9 @@ def test_interrupt_during_dit_stops_within_one_step(server, comfy):
     assert DIT not in server.executor.cached_node_ids()
 
 
-def test_progress_previews_batch_and_memory_etiquette(server, comfy, tiny_checkpoint):
+def test_progress_previews_batch_and_memory_etiquette(server, comfy, tiny_checkpoint, monkeypatch):
+    cli_args = comfy.modules["comfy.cli_args"]
+    monkeypatch.setattr(cli_args.args, "preview_method", cli_args.LatentPreviewMethod.Auto)  # --preview-method auto
     second_copy = models_dir(comfy) / "glm_image" / "GLM-Image-copy"
     second_copy.symlink_to(tiny_checkpoint, target_is_directory=True)
     prompt = shipped_prompt(server, "text_to_image.json", steps=3)
@@ -210,6 +213,28 @@ def test_progress_previews_batch_and_memory_etiquette(server, comfy, tiny_checkp
     assert names.index("free_memory") < names.index("ProgressBar")  # room first, then the AR runs
     assert "soft_empty_cache" in names
     assert comfy.violations == []
+
+
+def test_no_step_previews_when_comfyui_shows_none(server, comfy, monkeypatch):
+    """ComfyUI's default `--preview-method none`: the decode reports every step without a preview and runs the VAE
+    once per image, not once more per step (each preview decode also waits for the GPU)."""
+    assert comfy.modules["comfy.cli_args"].args.preview_method.value == "none"  # ComfyUI's default
+    vae_module = importlib.import_module(f"{server.pack.module_name}.glm_core.vae")  # the pack's own copy
+    calls = []
+    original = vae_module.GlmImageVAE.decode_latents
+
+    def counted(vae, latents):
+        calls.append(tuple(latents.shape))
+        return original(vae, latents)
+
+    monkeypatch.setattr(vae_module.GlmImageVAE, "decode_latents", counted)
+    prompt = shipped_prompt(server, "text_to_image.json", steps=3)
+    prompt[DIT]["inputs"]["seed"] += 500  # a new decode (not from ComfyUI's cache)
+    result = server.run(prompt)
+    assert result.status == "success", result.error
+    dit = [(value, preview) for value, total, preview in comfy.progress_updates if total == 3]
+    assert [value for value, _ in dit] == [1, 2, 3] and all(preview is None for _, preview in dit)
+    assert len(calls) == 1 and calls[0][-2:] == (SIZE // 8, SIZE // 8), calls
 
 
 # --- tokens on disk ----------------------------------------------------------------------------------------
