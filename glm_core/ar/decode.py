@@ -311,8 +311,9 @@ def triton_in_graphs_breaks() -> bool:
 
 # What a failed capture under cudaMallocAsync allocated: freeing it before the graph ever ran aborts the process
 # (the allocation belongs to a graph that never launched; the free fails inside a destructor). Kept for the
-# process's lifetime instead, once, with that generation's buffers (its KV cache: tens of MB at 1024², not the
-# weights, which residency rebinds): a bounded leak instead of a crash; later generations decode without a graph.
+# process's lifetime instead, once, with what the failing step's frames hold (that generation's KV cache, tens of
+# MB at 1024², and the tensors of the call that failed): a bounded leak instead of a crash; later generations
+# decode without a graph.
 _FAILED_CAPTURE_LEFTOVERS: list = []
 
 
