@@ -2,7 +2,7 @@
 
 ComfyUI starts PyTorch with `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` on Nvidia cards; the CLI and the API
 run under PyTorch's own caching allocator ("native"). Under cudaMallocAsync the graph holds the plain layer calls
-(no Triton kernel can be captured there, glm_core.ar.decode.triton_in_graphs_breaks), so a third child runs the
+(no Triton kernel can be captured there, glm_core.ar.decode.under_cuda_malloc_async), so a third child runs the
 native allocator with compiling off (GLM_CORE_NO_COMPILE=1), the same function as the cudaMallocAsync child. Each
 child process loads the AR (bf16, all on the GPU), samples tokens for 512² twice, a batch of two, and 1024² twice
 (seeds differ; memory released between generations as ComfyUI does), and reports: the exit code (a capture that

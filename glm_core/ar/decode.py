@@ -201,7 +201,7 @@ class DecodeLoop:
     """Static buffers for one generation; `step()` has no data-dependent shapes and no host sync.
 
     tokens[:, 0] comes from the prefill; step k (k = 0 .. N-2) feeds tokens[:, k] and writes
-    tokens[:, k + 1]. plain_layers: the layers run without torch.compile (`triton_in_graphs_breaks`).
+    tokens[:, k + 1]. plain_layers: the layers run without torch.compile (`under_cuda_malloc_async`).
     """
 
     def __init__(self, model: GlmImageAR, plan: PromptPlan, cache: KVCache, *, generators,
@@ -295,17 +295,18 @@ def decode_layer_runner(model: GlmImageAR):
 
 def cuda_graphs_supported() -> bool:
     """Whether the decode step may be captured into a CUDA graph: yes, under both of PyTorch's allocators (see
-    `triton_in_graphs_breaks` for what changes under cudaMallocAsync) unless a capture already failed in this
-    process under cudaMallocAsync (`_keep_leftovers_of_failed_capture`)."""
+    `under_cuda_malloc_async` for what changes there) unless a capture already failed in this process under
+    cudaMallocAsync (`_keep_leftovers_of_failed_capture`)."""
     return not _FAILED_CAPTURE_LEFTOVERS
 
 
-def triton_in_graphs_breaks() -> bool:
-    """True under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards): there, a Triton kernel
-    launched during a capture, on a buffer the capture itself allocated, fails with "CUDA driver error: invalid
-    argument" (2026-11-29 on the H200: the compiled decode layer's first fused kernel), so the decode step is
-    captured with the plain layer calls instead of the compiled ones: no Triton kernel in the graph, same
-    function, CUDA-graph replay kept."""
+def under_cuda_malloc_async() -> bool:
+    """True under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards), where the decode's graph
+    differs in two ways (2026-11-29 on the H200):
+    - a Triton kernel launched during a capture, on a buffer the capture itself allocated, fails ("CUDA driver
+      error: invalid argument", the compiled decode layer's first fused kernel), so the step is captured with the
+      plain layer calls instead of the compiled ones: no Triton kernel in the graph, same function;
+    - freeing what a failed capture allocated aborts the process (`_keep_leftovers_of_failed_capture`)."""
     return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
@@ -318,7 +319,7 @@ _FAILED_CAPTURE_LEFTOVERS: list = []
 
 
 def _keep_leftovers_of_failed_capture(exc: BaseException) -> None:
-    if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+    if under_cuda_malloc_async():
         _FAILED_CAPTURE_LEFTOVERS.append(exc)  # its traceback's frames hold the captured tensors
 
 
@@ -407,7 +408,7 @@ def generate_sequences(
         loop = DecodeLoop(model, plan, cache,
                           generators=None if sampling_settings is None else sampling.make_generators(seeds, device),
                           sampling_settings=sampling_settings, mask_grid=mask_grid,
-                          plain_layers=use_cuda_graph and triton_in_graphs_breaks())
+                          plain_layers=use_cuda_graph and under_cuda_malloc_async())
         loop.first(prefill(model, plan, cache))
 
         reported = [0]

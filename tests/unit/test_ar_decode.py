@@ -147,6 +147,7 @@ def test_a_failed_capture_under_cudamallocasync_is_kept_and_ends_graphs(monkeypa
     from glm_core.ar import decode
 
     monkeypatch.setattr(decode, "_FAILED_CAPTURE_LEFTOVERS", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
     decode._keep_leftovers_of_failed_capture(RuntimeError("native"))
     assert decode._FAILED_CAPTURE_LEFTOVERS == [] and decode.cuda_graphs_supported()
