@@ -461,6 +461,16 @@ def parse_common(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
     return args
 
 
+def named_phases(p: argparse.ArgumentParser, option: str, text: str, phases) -> list[str]:
+    """The phase names in `text` (comma-separated, blanks ignored), in the order given; a name that is not one of
+    `phases` stops the parser with an error listing them."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(phases))
+    if unknown:
+        p.error(f"{option}: unknown {unknown}; choose from {', '.join(phases)}")
+    return names
+
+
 def open_report(args: argparse.Namespace, argv: list[str], module: str, stem: str, mode: str,
                 render_markdown: Callable[[dict], str]) -> tuple["Report", "Deadline", torch.device]:
     """The preamble of every bench entry point: device and budget (`start_run`), the report with the run's

@@ -571,9 +571,7 @@ def parse_args(argv):
     p = harness.common_arguments(__doc__.split("\n\n")[0], "out/parity")
     p.add_argument("--only", default="", help=f"comma-separated phases: {','.join(PHASES)} (default all)")
     args = harness.parse_common(p, argv)
-    unknown = {name.strip() for name in args.only.split(",") if name.strip()} - PHASES.keys()
-    if unknown:
-        p.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}; the phases are {', '.join(PHASES)}")
+    args.selected = set(harness.named_phases(p, "--only", args.only, PHASES)) or None  # None: all
     return args
 
 
@@ -591,7 +589,7 @@ def main(argv=None) -> dict:
                 "negative (1,1,1472), prior ids = 2x-upsampled random 32x32 grid, t = 499; VAE z randn "
                 "de-normalised with the per-channel mean/std. All inputs rounded to bf16 values. Glyph: "
                 "GLYPH_PROMPTS (two quoted texts each), the empty negative prompt.")
-    selected = {p.strip() for p in args.only.split(",") if p.strip()} or None
+    selected = args.selected
     runner = PhaseRunner(report, deadline, device, selected)
     selected_share = sum(share for name, share in PHASE_SHARE.items() if selected is None or name in selected)
     for name, fn in PHASES.items():

@@ -279,9 +279,8 @@ def parse_args(argv):
     if not args.model:
         p.error("--model FOLDER is required: a GLM-Image folder (python -m bench.fullsize_checkpoint --out FOLDER "
                 "writes a random-weight one at the real size; add --tiny for the tiny one)")
-    unknown = sorted(set(args.phases.split(",")) - set(PHASES) - {""})
-    if unknown:
-        p.error(f"--phases: unknown {unknown}; choose from {', '.join(PHASES)}")
+    named = harness.named_phases(p, "--phases", args.phases, PHASES)
+    args.chosen = [name for name in PHASES if name in named]  # in running order
     return args
 
 
@@ -295,7 +294,7 @@ def main(argv=None) -> dict:
     bench = Bench(args, device, report, deadline)
     report.set("sizes", asdict(bench.sizes))
     report.set("configuration", f"checkpoint folder {bench.folder}")
-    chosen = [name for name in PHASES if name in args.phases.split(",")]
+    chosen = args.chosen
     runner = PhaseRunner(report, deadline, device)
     runner.run("ceilings", lambda: phase_ceilings(bench, Deadline(60.0)), share=0.2)
     column = 2 if args.tiny else 1
