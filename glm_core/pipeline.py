@@ -170,7 +170,9 @@ class GlmImage:
                     module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))
                 self._modules[name] = module
                 if name in _FP8_STAGES and self.takes_turns():
-                    self._host_copy(name).keep_host_copy()
+                    weights = self._host_copy(name)
+                    if weights is not None:  # None: the host has no room, the stage is re-read when it returns
+                        weights.keep_host_copy()
                 if self.on_load is not None:
                     self.on_load(name, self.stage_nbytes(name), time.perf_counter() - start)
             else:
@@ -462,6 +464,11 @@ def _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_
 
     denoised = denoise(dit, latents, dit_cond, timesteps, sigmas, guidance, on_step=after_step)
     dit_cond = latents = None  # the reference K/V can be GBs: free them before the VAE's large activations
+    if model.takes_turns():
+        # The next image's AR needs the DiT's room anyway, and leaving costs no copy (its host copy was made at
+        # load): the VAE decodes without the DiT beside it, so an image's peak is one stage's, not the DiT's plus
+        # the VAE's activations (2 GB more at 1024²). Only a decode of the same tokens again pays the copy back.
+        model.release("dit")
     # At large sizes the VAE decoder needs more than the DiT leaves free on a small card.
     model.ensure_free(VAE_DECODE_BYTES_PER_PIXEL * cond.height * cond.width * batch, keep=["vae"])
     if model.placement != "gpu":

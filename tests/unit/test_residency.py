@@ -198,3 +198,19 @@ def test_pinned_host_copy_round_trip_on_the_gpu():
     weights.to_device(torch.device("cuda", torch.cuda.current_device()))
     for name, tensor in module.state_dict().items():
         assert tensor.is_cuda and torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.parametrize("turns", [True, False])
+def test_vae_decodes_without_the_dit_when_stages_take_turns(monkeypatch, demo_folder, turns):
+    """Where the AR and the DiT take turns, the DiT leaves before the VAE decode (free: its host copy exists), so
+    an image's peak is one stage's; where everything fits, it stays for the next image."""
+    model = pipeline.GlmImage.from_folder(demo_folder, device="cpu")
+    monkeypatch.setattr(model, "takes_turns", lambda: turns)
+    events = []
+    monkeypatch.setattr(model, "release", lambda name: events.append(("release", name)))
+    vae = model.stage("vae")
+    original = vae.decode_latents
+    monkeypatch.setattr(vae, "decode_latents", lambda latents: events.append(("vae", None)) or original(latents))
+    images = pipeline.generate(model, "a red cube", 512, 512, steps=2)
+    assert images.shape[0] == 1 and torch.isfinite(images).all()
+    assert events == ([("release", "dit"), ("vae", None)] if turns else [("vae", None)])
