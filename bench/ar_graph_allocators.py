@@ -1,14 +1,15 @@
 """The AR decode's CUDA graph under both of PyTorch's CUDA allocators, each in a fresh process.
 
 ComfyUI starts PyTorch with `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` on Nvidia cards; the CLI and the API
-run under PyTorch's own caching allocator ("native"). Under cudaMallocAsync the graph holds the plain layer calls
-(no Triton kernel can be captured there, glm_core.ar.decode.under_cuda_malloc_async), so a third child runs the
-native allocator with compiling off (GLM_CORE_NO_COMPILE=1), the same function as the cudaMallocAsync child. Each
-child process loads the AR (bf16, all on the GPU), samples tokens for 512² twice, a batch of two, and 1024² twice
-(seeds differ; memory released between generations as ComfyUI does), and reports: the exit code (a capture that
-breaks the allocator aborts the process), any CUDA-graph fallback warning, the seconds and ms/token of each
-generation (bench.harness's clock: host time between synchronisations), and a digest of every token grid. The
-cudaMallocAsync child must give the same tokens as the plain native one, and every child must exit cleanly.
+run under PyTorch's own caching allocator ("native"). Under cudaMallocAsync the compiled decode layer launches its
+kernels from inductor's C++ wrapper (glm_core.ar.decode.under_cuda_malloc_async); a third child runs
+cudaMallocAsync with compiling off (GLM_CORE_NO_COMPILE=1: what ComfyUI got before, the plain layers in the graph).
+Each child process loads the AR (bf16, all on the GPU), samples tokens for 512² twice, a batch of two, and 1024²
+twice (seeds differ; memory released between generations as ComfyUI does), and reports: the exit code (a capture
+that breaks the allocator aborts the process), any CUDA-graph fallback warning, any compile fallback to eager, the
+seconds and ms/token of each generation (bench.harness's clock: host time between synchronisations), and a digest
+of every token grid. Every child must exit cleanly with no fallback; whether the two compiled children gave the same
+tokens is reported (the same kernels, but each process autotunes its own).
 
     python3 -m bench.ar_graph_allocators --model /tmp/glm-image --out $OUT
 """
@@ -25,10 +26,12 @@ import time
 import warnings
 from pathlib import Path
 
+from bench.harness import named_phases
+
 # child name: (PYTORCH_CUDA_ALLOC_CONF, compile off)
 CHILDREN = {"native": (None, False), "cudaMallocAsync": ("backend:cudaMallocAsync", False),
-            "native_plain_layers": (None, True)}
-SAME_FUNCTION = ("cudaMallocAsync", "native_plain_layers")
+            "cudaMallocAsync_plain_layers": ("backend:cudaMallocAsync", True)}
+SAME_KERNELS = ("native", "cudaMallocAsync")
 # (name, width, height, batch, seed): the first 512² includes compiling and capturing
 CASES = (("512_first", 512, 512, 1, 1), ("512", 512, 512, 1, 2), ("512_batch2", 512, 512, 2, 3),
          ("1024_first", 1024, 1024, 1, 4), ("1024", 1024, 1024, 1, 5))
@@ -66,6 +69,9 @@ def child(folder: str) -> dict:
         gc.collect()
         torch.cuda.empty_cache()  # ComfyUI's soft_empty_cache between nodes
     result["allocated_gb_end"] = round(torch.cuda.memory_allocated() / 1e9, 3)
+    from glm_core.compiling import _WRAPPERS
+
+    result["compile_fallbacks"] = {w.name: w.fallback_reason for w in _WRAPPERS.values() if w.failed}
     return result
 
 
@@ -75,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--timeout-s", type=float, default=240)
+    p.add_argument("--children", default=",".join(CHILDREN), help=f"comma-separated, of {', '.join(CHILDREN)}")
     args = p.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(args.model)), flush=True)
@@ -82,7 +89,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "runs": {}}
-    for name, (conf, compile_off) in CHILDREN.items():
+    for name in named_phases(p, "--children", args.children, CHILDREN):
+        conf, compile_off = CHILDREN[name]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
         env.pop("GLM_CORE_NO_COMPILE", None)
@@ -104,14 +112,16 @@ def main(argv=None) -> int:
         run["process_s"] = round(time.perf_counter() - start, 1)
         report["runs"][name] = run
         print(name, json.dumps(run, indent=1), flush=True)
-    digests = {name: {case: v["tokens_sha256"] for case, v in report["runs"][name].get("cases", {}).items()}
-               for name in SAME_FUNCTION}
+    digests = {name: {case: v["tokens_sha256"] for case, v in report["runs"].get(name, {}).get("cases", {}).items()}
+               for name in SAME_KERNELS}
     report["same_tokens"] = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1 and all(digests.values())
     report["all_exited_cleanly"] = all(run.get("exit_code") == 0 for run in report["runs"].values())
-    print(f"same tokens, {' and '.join(SAME_FUNCTION)}: {report['same_tokens']}; all exited cleanly: "
-          f"{report['all_exited_cleanly']}", flush=True)
+    report["no_fallbacks"] = all(not run.get("warnings") and not run.get("compile_fallbacks")
+                                 for run in report["runs"].values())
+    print(f"same tokens, {' and '.join(SAME_KERNELS)}: {report['same_tokens']}; all exited cleanly: "
+          f"{report['all_exited_cleanly']}; no fallbacks: {report['no_fallbacks']}", flush=True)
     (out / "ar_graph_allocators.json").write_text(json.dumps(report, indent=1))
-    return 0 if report["same_tokens"] and report["all_exited_cleanly"] else 1
+    return 0 if report["all_exited_cleanly"] and report["no_fallbacks"] else 1
 
 
 if __name__ == "__main__":

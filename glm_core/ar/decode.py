@@ -201,13 +201,13 @@ class DecodeLoop:
     """Static buffers for one generation; `step()` has no data-dependent shapes and no host sync.
 
     tokens[:, 0] comes from the prefill; step k (k = 0 .. N-2) feeds tokens[:, k] and writes
-    tokens[:, k + 1]. plain_layers: the layers run without torch.compile (`under_cuda_malloc_async`).
+    tokens[:, k + 1].
     """
 
     def __init__(self, model: GlmImageAR, plan: PromptPlan, cache: KVCache, *, generators,
-                 sampling_settings: Sampling | None, mask_grid: bool, plain_layers: bool = False):
+                 sampling_settings: Sampling | None, mask_grid: bool):
         self.model, self.cache = model, cache
-        self.run_layer = None if plain_layers else decode_layer_runner(model)  # None: plain layer calls
+        self.run_layer = decode_layer_runner(model)  # None: plain layer calls
         self.prompt_length = plan.input_ids.shape[1]
         self.num_tokens = plan.num_new_tokens
         batch = plan.input_ids.shape[0]
@@ -281,11 +281,13 @@ def decode_layer_runner(model: GlmImageAR):
     """What the decode step calls per layer: None (plain calls, `model.compile_backend` None), or the
     torch.compile'd layer call. Inductor fuses each layer's norms (fp32 statistics kept), rope, residual
     adds and cache write into a few kernels; all 40 layers share one compiled graph, captured with the rest
-    of the step into the decode loop's CUDA graph. Falls back to eager on a compiler error (a rerun of a
-    layer rewrites the same K/V slot, so it is safe)."""
+    of the step into the decode loop's CUDA graph (under cudaMallocAsync with its kernels launched from C++,
+    see `under_cuda_malloc_async`). Falls back to eager on a compiler error (a rerun of a layer rewrites the same
+    K/V slot, so it is safe)."""
     if model.compile_backend is None:
         return None
-    layer_call = compiled(_decode_layer, "AR decode layer", model.compile_backend)
+    layer_call = compiled(_decode_layer, "AR decode layer", model.compile_backend,
+                          cpp_wrapper=under_cuda_malloc_async())
 
     def run_layer(layer, hidden, cos, sin, attn_mask, layer_cache, cache_index):
         return layer_call(layer, hidden, cos, sin, attn_mask, layer_cache.k, layer_cache.v, cache_index)
@@ -302,10 +304,12 @@ def cuda_graphs_supported() -> bool:
 
 def under_cuda_malloc_async() -> bool:
     """True under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards), where the decode's graph
-    differs in two ways (2026-11-29 on the H200):
-    - a Triton kernel launched during a capture, on a buffer the capture itself allocated, fails ("CUDA driver
-      error: invalid argument", the compiled decode layer's first fused kernel), so the step is captured with the
-      plain layer calls instead of the compiled ones: no Triton kernel in the graph, same function;
+    differs in two ways (2026-11-29/30 on the H200):
+    - memory the capture itself allocates is a graph allocation that has no device pointer yet, and inductor's
+      Python-side kernel launchers (its static launcher and Triton's) check every argument's pointer with
+      cuPointerGetAttribute: the capture failed at the compiled layer's first kernel ("CUDA driver error:
+      invalid argument"). The C++ wrapper that inductor can generate instead launches without that check, so
+      the decode layer is compiled with it there (`decode_layer_runner`): same kernels, 6.0 ms/token at 1024²;
     - freeing what a failed capture allocated aborts the process (`_keep_leftovers_of_failed_capture`)."""
     return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
@@ -407,8 +411,7 @@ def generate_sequences(
         cache = setup_caches(model, plan.input_ids.shape[0], plan.input_ids.shape[1] + total)
         loop = DecodeLoop(model, plan, cache,
                           generators=None if sampling_settings is None else sampling.make_generators(seeds, device),
-                          sampling_settings=sampling_settings, mask_grid=mask_grid,
-                          plain_layers=use_cuda_graph and under_cuda_malloc_async())
+                          sampling_settings=sampling_settings, mask_grid=mask_grid)
         loop.first(prefill(model, plan, cache))
 
         reported = [0]

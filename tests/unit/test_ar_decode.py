@@ -108,36 +108,55 @@ def test_seed_count_must_match_prompts(ar_models):
 
 
 CHILD_TOKENS = """
-import sys, warnings, torch
+import json, sys, warnings, torch
 warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail instead
-from glm_core import pipeline
+from glm_core import compiling, pipeline
+from glm_core.ar import decode
+replays = [0]
+replay = torch.cuda.CUDAGraph.replay
+def counted_replay(graph):
+    replays[0] += 1
+    return replay(graph)
+torch.cuda.CUDAGraph.replay = counted_replay
 model = pipeline.GlmImage.from_folder(sys.argv[1], device="cuda", dtype=torch.bfloat16)
 cond = pipeline.encode_prompt(model, "a red door", 512, 512)
-for seed in (1, 2):
-    tokens = pipeline.generate_tokens(model, cond, seed=seed, batch_size=seed)
-    print("TOKENS", seed, tokens.grid_ids.cpu().flatten().tolist(), flush=True)
+with_graph = pipeline.generate_tokens(model, cond, seed=1).grid_ids.cpu()
+graph_replays = replays[0]
+decode.cuda_graphs_supported = lambda: False
+without_graph = pipeline.generate_tokens(model, cond, seed=1).grid_ids.cpu()
+print("RESULT " + json.dumps({
+    "allocator": torch.cuda.get_allocator_backend(), "graph_replays": graph_replays,
+    "replays_without_graph": replays[0] - graph_replays,
+    "compiled": {w.name: w.fallback_reason for w in compiling._WRAPPERS.values()},
+    "same_tokens": bool(torch.equal(with_graph, without_graph))}), flush=True)
 """
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the decode's CUDA graph is CUDA-only")
-def test_cuda_graph_decode_under_comfyuis_allocator(tiny_checkpoint):
-    """ComfyUI runs PyTorch with cudaMallocAsync, where a graph cannot hold Triton kernels and a failed capture
-    aborted the process. There the graph holds the plain layers: the process exits cleanly, with no failed
-    capture, and gives the tokens of the plain layers under PyTorch's own allocator."""
+@pytest.mark.parametrize("allocator", ["native", "cudaMallocAsync"])
+def test_cuda_graph_decode_with_compiled_layers_under_both_allocators(tiny_checkpoint, allocator):
+    """ComfyUI runs PyTorch with cudaMallocAsync, where a capture of inductor's Python-launched kernels failed and
+    its leftovers aborted the process. Under both allocators the decode now replays a CUDA graph of the compiled
+    layers (no compile fallback, no failed capture, a clean exit), with the tokens of the same compiled layers run
+    step by step without a graph in the same process."""
+    import json
     import os
     import subprocess
     import sys
 
-    outputs = {}
-    for name, extra_env in (("plain_native", {"GLM_CORE_NO_COMPILE": "1"}),
-                            ("cudaMallocAsync", {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"})):
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "GLM_CORE_NO_COMPILE")}
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD_TOKENS, str(tiny_checkpoint)],
-                              env={**env, **extra_env}, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-        outputs[name] = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS")]
-        assert len(outputs[name]) == 2, proc.stdout[-2000:]
-    assert outputs["plain_native"] == outputs["cudaMallocAsync"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "GLM_CORE_NO_COMPILE")}
+    if allocator == "cudaMallocAsync":
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync"
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD_TOKENS, str(tiny_checkpoint)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout[-2000:]
+    result = json.loads(lines[-1][7:])
+    assert result["allocator"] == allocator
+    assert result["compiled"] == {"AR decode layer": None}, result  # compiled, and it did not fall back
+    assert result["graph_replays"] > 10 and result["replays_without_graph"] == 0, result
+    assert result["same_tokens"], result
 
 
 def test_a_failed_capture_under_cudamallocasync_is_kept_and_ends_graphs(monkeypatch):
@@ -156,3 +175,19 @@ def test_a_failed_capture_under_cudamallocasync_is_kept_and_ends_graphs(monkeypa
     decode._keep_leftovers_of_failed_capture(failure)
     assert decode._FAILED_CAPTURE_LEFTOVERS == [failure]
     assert not decode.cuda_graphs_supported()
+
+
+@pytest.mark.parametrize("backend,cpp_wrapper", [("native", False), ("cudaMallocAsync", True)])
+def test_decode_layer_launches_from_cpp_under_cudamallocasync(monkeypatch, ar_models, backend, cpp_wrapper):
+    """Under cudaMallocAsync the compiled decode layer is built with inductor's C++ wrapper (its Python-side
+    launchers reject the capture's own allocations); under PyTorch's allocator with the usual Python wrapper."""
+    from glm_core import compiling
+    from glm_core.ar import decode
+
+    ours = ar_models.ours
+    monkeypatch.setattr(compiling, "_WRAPPERS", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
+    monkeypatch.setattr(ours, "compile_backend", "inductor")
+    assert decode.decode_layer_runner(ours) is not None
+    assert [key[1:] for key in compiling._WRAPPERS] == [("inductor", cpp_wrapper)]
