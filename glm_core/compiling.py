@@ -132,10 +132,10 @@ def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND, *,
     dynamic=True: token counts, cache lengths and batch sizes (other than 1, which dynamo always
     specialises) stay symbolic, so a new resolution or prompt length does not recompile; the feature
     dims that the fused kernels loop over are fixed by the weights anyway.
-    cpp_wrapper: inductor launches the kernels from generated C++ instead of Python (inductor only), with the
-    kernels tuned when they first run rather than while compiling (inductor's default for its C++ wrapper): a
-    fresh process then compiled the tiny AR's decode layer in 51 s instead of 69, 39 s instead of 46 with the
-    cache warm (H200, 2026-11-29).
+    cpp_wrapper: inductor launches the kernels from generated C++ instead of Python (inductor only). Its kernels
+    are tuned when they first run, not while compiling as inductor does by default for the C++ wrapper: a fresh
+    process then compiled the tiny AR's decode layer in 51 s instead of 69, 39 s instead of 46 with the cache
+    warm (H200, 2026-11-29).
     """
     key = (fn, backend, cpp_wrapper)
     wrapper = _WRAPPERS.get(key)
