@@ -124,6 +124,14 @@ class CompiledOrEager:
 
 _WRAPPERS: dict[tuple, CompiledOrEager] = {}
 
+# The C++ wrapper's options, each measured on the H200 (tiny AR decode layer, a fresh process, torch 2.11):
+# - kernels tuned when they first run, not while compiling as inductor does by default for the C++ wrapper:
+#   51 s instead of 69 with empty caches (2026-11-29);
+# - no host vector ISA: to pick one, inductor builds a test library per candidate ISA and loads each in a fresh
+#   Python that imports torch, in every process and even when its graph cache hits: 42 s of the 45 s that a process
+#   with warm caches spent (2026-11-30). The wrapper only launches GPU kernels, so it needs no CPU vector code.
+CPP_WRAPPER_OPTIONS = {"cpp_wrapper": True, "triton.autotune_at_compile_time": False, "cpp.vec_isa_ok": False}
+
 
 def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND, *,
              cpp_wrapper: bool = False) -> CompiledOrEager:
@@ -132,16 +140,13 @@ def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND, *,
     dynamic=True: token counts, cache lengths and batch sizes (other than 1, which dynamo always
     specialises) stay symbolic, so a new resolution or prompt length does not recompile; the feature
     dims that the fused kernels loop over are fixed by the weights anyway.
-    cpp_wrapper: inductor launches the kernels from generated C++ instead of Python (inductor only). Its kernels
-    are tuned when they first run, not while compiling as inductor does by default for the C++ wrapper: a fresh
-    process then compiled the tiny AR's decode layer in 51 s instead of 69, 39 s instead of 46 with the cache
-    warm (H200, 2026-11-29).
+    cpp_wrapper: inductor launches the kernels from generated C++ instead of Python (inductor only), with
+    CPP_WRAPPER_OPTIONS.
     """
     key = (fn, backend, cpp_wrapper)
     wrapper = _WRAPPERS.get(key)
     if wrapper is None:
-        options = ({"cpp_wrapper": True, "triton.autotune_at_compile_time": False}
-                   if cpp_wrapper and backend == "inductor" else None)
+        options = dict(CPP_WRAPPER_OPTIONS) if cpp_wrapper and backend == "inductor" else None
         wrapper = _WRAPPERS[key] = CompiledOrEager(fn, name, backend=backend, dynamic=True, options=options)
     return wrapper
 
