@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from . import comfy_services, model_patcher
 
+# Asking ComfyUI for this much makes it unload every model it holds on the device.
+EVERYTHING = 1 << 62
+
 # Under placement "sequential" our other stages leave the GPU before a node's stages load.
 _STAGES_OFFLOADED_BEFORE = {"vision": ("dit", "vae", "glyph"), "ar": ("vision", "dit", "vae", "glyph"),
                             "dit": ("vision", "ar")}
@@ -15,10 +18,11 @@ _STAGES_RUN_BY = {"vision": ("vision",), "ar": ("ar",), "dit": ("glyph", "dit", 
 def make_room_for(model, node: str, working_bytes: int = 0) -> None:
     """Bring this node's stages onto the model's device, with room made for them first.
 
-    Inside ComfyUI, ComfyUI makes the room (`free_memory`: it unloads the least recently used models, ours
-    included, through their patchers), then the core loads what was never loaded and brings back what was
-    moved off, and every stage of the node goes through `load_models_gpu`, so ComfyUI lists them as loaded
-    models it may evict later. Under --lowvram / --novram our other stages leave first ("sequential").
+    Inside ComfyUI, ComfyUI makes the room (`free_memory`, asked for the stages' weights plus the core's
+    headroom: it unloads the least recently used models, ours included, through their patchers; asked again for
+    all of it when the device still falls short of the weights), then the core loads what was never loaded and
+    brings back what was moved off, and every stage of the node goes through `load_models_gpu`, so ComfyUI lists
+    them as loaded models it may evict later. Under --lowvram / --novram our other stages leave first ("sequential").
     Outside ComfyUI the core makes room itself when the pipeline asks for the stages.
     """
     stages = _STAGES_RUN_BY[node]
@@ -28,9 +32,23 @@ def make_room_for(model, node: str, working_bytes: int = 0) -> None:
     if model.placement == "sequential":
         for other in _STAGES_OFFLOADED_BEFORE[node]:
             model_patcher.offload_stage(model, other)
-    comfy_services.free_memory(_bytes_to_load(model, stages) + working_bytes, model.device)
+    from ..glm_core.pipeline import HEADROOM_BYTES  # at call time: importing the pack loads no model code
+
+    needed = _bytes_to_load(model, stages) + working_bytes
+    comfy_services.free_memory(needed + HEADROOM_BYTES, model.device)
+    if needed and falls_short(model.device, needed):
+        # ComfyUI counts what its dynamic-VRAM models could hand back as free and unloads them only in part: once
+        # it had freed "enough", an H200 under a 24 GB budget had 14.0 GB free for the DiT's 14.3 GB (2026-11-30).
+        comfy_services.free_memory(EVERYTHING, model.device)
     model.prepare(stages)
     comfy_services.load_models([model_patcher.patcher_for(model, stage) for stage in stages])
+
+
+def falls_short(device, nbytes: int) -> bool:
+    """Whether the GPU `device` has less than `nbytes` free for a new allocation now (never true off the GPU)."""
+    from ..glm_core.memory import free_bytes
+
+    return getattr(device, "type", None) == "cuda" and free_bytes(device) < nbytes
 
 
 def _bytes_to_load(model, stages) -> int:
