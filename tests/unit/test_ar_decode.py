@@ -128,6 +128,9 @@ print("RESULT " + json.dumps({
     "allocator": torch.cuda.get_allocator_backend(), "graph_replays": graph_replays,
     "replays_without_graph": replays[0] - graph_replays,
     "compiled": {w.name: w.fallback_reason for w in compiling._WRAPPERS.values()},
+    "tokens": with_graph.numel(), "differing_tokens": int((with_graph != without_graph).sum()),
+    "first_difference": int((with_graph != without_graph).flatten().nonzero()[0]) if not torch.equal(
+        with_graph, without_graph) else None,
     "same_tokens": bool(torch.equal(with_graph, without_graph))}), flush=True)
 """
 
