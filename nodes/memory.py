@@ -35,7 +35,7 @@ def make_room_for(model, node: str, working_bytes: int = 0) -> None:
     from ..glm_core.pipeline import HEADROOM_BYTES  # at call time: importing the pack loads no model code
 
     needed = _bytes_to_load(model, stages) + working_bytes
-    comfy_services.free_memory(needed + HEADROOM_BYTES, model.device)
+    comfy_services.free_memory(needed + HEADROOM_BYTES if needed else 0, model.device)
     if needed and falls_short(model.device, needed):
         # ComfyUI counts what its dynamic-VRAM models could hand back as free and unloads them only in part: once
         # it had freed "enough", an H200 under a 24 GB budget had 14.0 GB free for the DiT's 14.3 GB (2026-11-30).

@@ -504,6 +504,11 @@ def test_dit_node_loads_its_stages_through_model_management_without_the_ar(serve
         assert loaded[stage].model.stage_module is model.stage_modules()[stage]
         assert weight_devices(model.stage_modules()[stage]) == {model.device}
     assert comfy.violations == []
+    # With its stages on the device, the node asks ComfyUI for no room (nothing of anyone's leaves for nothing).
+    comfy.reset_records()
+    with comfy.installed():
+        importlib.import_module(pack.module_name + ".nodes.memory").make_room_for(model, "dit")
+    assert [args[0] for _, name, args in comfy.calls if name == "free_memory"] == [0]
 
 
 def test_sequential_placement_detaches_the_other_stage_through_its_patcher(server, comfy, tiny_checkpoint):
