@@ -106,7 +106,6 @@ def test_seed_count_must_match_prompts(ar_models):
         generate_sequences(ours, inputs, seeds=[1, 2, 3], sampling_settings=SAMPLING)
 
 
-
 CHILD_TOKENS = """
 import json, sys, warnings, torch
 warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail instead
@@ -124,13 +123,13 @@ with_graph = pipeline.generate_tokens(model, cond, seed=1).grid_ids.cpu()
 graph_replays = replays[0]
 decode.cuda_graphs_supported = lambda: False
 without_graph = pipeline.generate_tokens(model, cond, seed=1).grid_ids.cpu()
+differing = (with_graph != without_graph).flatten().nonzero().flatten().tolist()
 print("RESULT " + json.dumps({
     "allocator": torch.cuda.get_allocator_backend(), "graph_replays": graph_replays,
     "replays_without_graph": replays[0] - graph_replays,
     "compiled": {w.name: w.fallback_reason for w in compiling._WRAPPERS.values()},
-    "tokens": with_graph.numel(), "differing_tokens": int((with_graph != without_graph).sum()),
-    "first_difference": int((with_graph != without_graph).flatten().nonzero()[0]) if not torch.equal(
-        with_graph, without_graph) else None,
+    "tokens": with_graph.numel(), "differing_tokens": len(differing),
+    "first_difference": differing[0] if differing else None,
     "same_tokens": bool(torch.equal(with_graph, without_graph))}), flush=True)
 """
 
