@@ -72,7 +72,7 @@ STARTUP_TIMEOUT_S = 240
 # Server-log lines about model residency (ComfyUI 0.3.x and 0.33, estimate-based and dynamic VRAM).
 RESIDENCY_LOG = re.compile(r"Requested to load|loaded completely|loaded partially|Unloaded partially|models unloaded|"
                            r"Unloading|unloaded|Model loaded|DynamicVRAM|aimdo|offload|out of memory|\bOOM\b|"
-                           r"OutOfMemory|memory leak", re.IGNORECASE)
+                           r"OutOfMemory|memory leak|weights \(|host copy|^\S*\s*(AR|DiT|VAE): |checked every file", re.IGNORECASE)
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # ComfyUI colours its log even into a file
 OOM_LOG = re.compile(r"Got an OOM|out of memory|OutOfMemoryError", re.IGNORECASE)
 PHASES = ("fresh", "cap", "restart", "cap_static", "cap_keep")
@@ -450,6 +450,8 @@ class Bench:
         if phase == "restart":  # the fourth shipped workflow goes here, to leave the cap phase its time
             plan = plan[:1] + [("token_reuse", lambda: workflow_prompt(run, "token_reuse.json", cpu=args.cpu,
                                                                        size=size, steps=steps))]
+        if args.queues:
+            plan = [step for step in plan if step[0] in args.queues]
         emulate = args.cap_gb if args.cpu and capped else 0.0
         previous_ids: dict | None = None
         for index, (name, prompt) in enumerate(plan):
@@ -641,6 +643,8 @@ def main(argv=None) -> int:
     p.add_argument("--our-model-gb", type=float, default=None,
                    help="CPU only: what our stages need, for the emulated request (default: the folder's size)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--queues", default="", help="comma-separated subset of each phase's queues (default: all), "
+                                                "e.g. first,new_ar_seed")
     p.add_argument("--size", type=int, default=512, help="CPU only: target size")
     p.add_argument("--steps", type=int, default=2, help="CPU only: DiT steps")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of the whole run")
@@ -650,6 +654,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     args = p.parse_args(argv)
     args.phases = [name.strip() for name in args.phases.split(",") if name.strip()]
+    args.queues = [name.strip() for name in args.queues.split(",") if name.strip()]
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         p.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")

@@ -217,11 +217,11 @@ class RunTimings:
 
 
 def print_load(stage: str, nbytes: int, seconds: float | None) -> None:
-    """'loading AR weights (17.8 GB)…' before a stage loads, 'loaded AR weights (17.8 GB) in 4.6 s' after."""
-    names = {"vision": "vision tower", "ar": "AR", "glyph": "glyph encoder", "dit": "DiT", "vae": "VAE"}
-    what = f"{names.get(stage, stage)} weights ({nbytes / 1e9:.1f} GB)"
-    text = f"loading {what}…" if seconds is None else f"loaded {what} in {seconds:.1f} s"
-    print(text, file=sys.stderr, flush=True)
+    """'loading AR weights (17.8 GB)…' before a stage loads (the core logs 'loaded AR weights (17.8 GB) in 4.6 s')."""
+    if seconds is None:
+        from .pipeline import STAGE_TITLES
+
+        print(f"loading {STAGE_TITLES.get(stage, stage)} weights ({nbytes / 1e9:.1f} GB)…", file=sys.stderr, flush=True)
 
 
 def _new_file_mode() -> int:

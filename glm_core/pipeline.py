@@ -46,6 +46,7 @@ COMPONENT_OF_STAGE = {"vision": "vision_language_encoder", "ar": "vision_languag
                       "glyph": "text_encoder", "dit": "transformer", "vae": "vae"}
 _KEYS_OF_STAGE = {"vision": is_vision_key, "ar": lambda key: not is_vision_key(key)}
 _LOADERS = {"vision": load_vision, "ar": load_ar, "glyph": load_glyph_encoder, "dit": load_dit, "vae": load_vae}
+STAGE_TITLES = {"vision": "vision tower", "ar": "AR", "glyph": "glyph encoder", "dit": "DiT", "vae": "VAE"}
 _COMPILED_STAGES = ("ar", "dit")
 _FP8_STAGES = ("ar", "dit")  # the stages whose linears can be stored in FP8 (weights="fp8")
 HEADROOM_BYTES = int(1.5 * GB)  # beyond the estimates: allocator fragmentation, cuBLAS/compile workspaces
@@ -169,15 +170,25 @@ class GlmImage:
                 with gpu_released_on_error(f"loading the {name} weights", self.device):
                     module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))
                 self._modules[name] = module
+                read_s = _seconds_since(start, self.device)
+                log.info("loaded %s weights (%.1f GB) in %.1f s", STAGE_TITLES[name], self.stage_nbytes(name) / GB,
+                         read_s)
                 if name in _FP8_STAGES and self.takes_turns():
                     weights = self._host_copy(name)
                     if weights is not None:  # None: the host has no room, the stage is re-read when it returns
+                        copy_start = time.perf_counter()
                         weights.keep_host_copy()
+                        log.info("made a %s host copy of the %s weights in %.1f s (the stages take turns on the "
+                                 "GPU)", "page-locked" if weights.pinned else "pageable", STAGE_TITLES[name],
+                                 time.perf_counter() - copy_start)
                 if self.on_load is not None:
                     self.on_load(name, self.stage_nbytes(name), time.perf_counter() - start)
             else:
+                start = time.perf_counter()
                 with gpu_released_on_error(f"moving the {name} weights back to the GPU", self.device):
                     self._weights[name].to_device(self.device)
+                log.info("moved %s weights back to the GPU from their host copy in %.1f s", STAGE_TITLES[name],
+                         _seconds_since(start, self.device))
 
     def ensure_free(self, working_bytes: int, keep: Sequence[str]) -> None:
         """Before a large allocation: unless placement is "gpu", move stages other than `keep` off the GPU
@@ -244,9 +255,14 @@ class GlmImage:
         weights = self._host_copy(name)
         if weights is None:
             self.unload(name)
+            log.info("dropped %s weights from the GPU (no room on the host for a copy; they are read from the "
+                     "files when next needed)", STAGE_TITLES[name])
             return
+        start, copied = time.perf_counter(), not weights.has_host_copy
         weights.to_host()
         _empty_cache(self.device)
+        log.info("moved %s weights off the GPU in %.1f s%s", STAGE_TITLES[name], time.perf_counter() - start,
+                 f" (a {'page-locked' if weights.pinned else 'pageable'} host copy made)" if copied else "")
 
     def _host_copy(self, name: str) -> StageWeights | None:
         """The stage's mover to and from its host copy, or None when the host has no room for a copy."""
@@ -318,6 +334,13 @@ class GlmImage:
 
 def _module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _seconds_since(start: float, device: torch.device) -> float:
+    """Wall seconds since `start` once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _empty_cache(device: torch.device) -> None:
@@ -396,9 +419,13 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
     seeds = [seed + i for i in range(batch_size)]
     model.prepare(["ar"], estimated_working_bytes("ar", height=cond.height, width=cond.width, batch=batch_size,
                                                   reference_tokens=cond.reference_tokens))
+    start = time.perf_counter()
     with gpu_released_on_error("sampling the AR tokens", model.device):
         grid_ids = generate_grids(model.stage("ar"), inputs, seeds=seeds, sampling_settings=settings,
                                   progress=progress, interrupt=interrupt)
+    seconds = _seconds_since(start, model.device)
+    log.info("AR: the %dx%d token grid%s sampled in %.1f s", grid_ids.shape[1], grid_ids.shape[2],
+             f" of {batch_size} images" if batch_size > 1 else "", seconds)
     return PriorTokens(grid_ids=grid_ids, height=cond.height, width=cond.width,
                        reference_sizes=cond.reference_sizes, seeds=seeds)
 
@@ -462,7 +489,9 @@ def _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_
         if interrupt is not None and step < total:
             interrupt()
 
+    start = time.perf_counter()
     denoised = denoise(dit, latents, dit_cond, timesteps, sigmas, guidance, on_step=after_step)
+    log.info("DiT: %d steps in %.1f s", steps, _seconds_since(start, device))
     dit_cond = latents = None  # the reference K/V can be GBs: free them before the VAE's large activations
     if model.takes_turns():
         # The next image's AR needs the DiT's room anyway, and leaving costs no copy (its host copy was made at
@@ -476,7 +505,10 @@ def _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_
         # Where the card is short, the DiT's cached activation blocks go back before the VAE's larger ones are
         # made, so the process holds what the VAE needs rather than both (PyTorch frees its cache only at a cap).
         _empty_cache(device)
-    return postprocess(vae.decode_latents(denoised.to(vae.dtype)))
+    start = time.perf_counter()
+    images = postprocess(vae.decode_latents(denoised.to(vae.dtype)))
+    log.info("VAE: decoded in %.1f s", time.perf_counter() - start)  # postprocess ends on the CPU: synchronised
+    return images
 
 
 def encode_reference_kv(model: GlmImage, cond: Conditioning):
