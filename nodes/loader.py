@@ -1,14 +1,17 @@
 """Load GLM-Image: pick a GLM-Image folder (diffusers layout) from models/glm_image/ or models/diffusers/."""
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
 
-from . import comfy_services
+from . import comfy_services, recent_model
 from .types import CATEGORY, GLM_IMAGE_MODEL
 
+log = logging.getLogger("glm_core")
 DEFAULT_MODEL_FOLDER = "GLM-Image"  # models/glm_image/GLM-Image = a download of zai-org/GLM-Image
 # fp16 is left out: the reference reports fp16 VAE overflow (black / NaN images) for this model.
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -120,14 +123,21 @@ class LoadGlmImage:
         folder = resolve_model_folder(model_folder)
         if placement == "auto":
             placement = comfy_services.placement_from_flags()
+        files = _files_of(folder)
+        recent_key = (str(folder), dtype, weights, placement, files)
+        model = recent_model.get(recent_key)
+        if model is not None:  # ComfyUI's cache had let go of our output; the stages come back as they were
+            return (model,)
         device = comfy_services.torch_device()
         model = GlmImage.from_folder(folder, device=device, dtype=DTYPES[dtype], weights=weights, placement=placement,
                                      gpu_memory=comfy_services.gpu_memory_within_reach(device))
-        files = _files_of(folder)
         key = (str(folder), dtype, model.weights)
         if _CHECKED_FOLDERS.get(key) != files:
+            start = time.perf_counter()
             model.check()  # every config, shard index and shard header now, not when a stage first runs
             _CHECKED_FOLDERS[key] = files
+            log.info("checked every file of %s in %.2f s", folder, time.perf_counter() - start)
+        recent_model.put(recent_key, model)
         return (model,)
 
 

@@ -3,7 +3,7 @@ loaded-model list, so it can evict our stages when other nodes need the memory.
 """
 from __future__ import annotations
 
-from . import comfy_services, model_patcher
+from . import comfy_services, model_patcher, recent_model
 
 # Asking ComfyUI for this much makes it unload every model it holds on the device.
 EVERYTHING = 1 << 62
@@ -26,6 +26,7 @@ def make_room_for(model, node: str, working_bytes: int = 0) -> None:
     Outside ComfyUI the core makes room itself when the pipeline asks for the stages.
     """
     stages = _STAGES_RUN_BY[node]
+    recent_model.touch(model)
     if not model_patcher.available():
         return
     model_patcher.forget_unloaded(model)

@@ -4,6 +4,7 @@ Plain helpers for the same folders: comfy_files.py."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ def _comfy_stubs_installed(comfy_stubs):
     """The stub ComfyUI modules are importable during each node test only, never in other tests' way."""
     with comfy_stubs.installed():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_model_held_across_tests():
+    """The loader holds the last model it opened (nodes/recent_model.py); no test gets another test's."""
+    yield
+    for name, module in list(sys.modules.items()):
+        if name.endswith(".nodes.recent_model") and hasattr(module, "let_go"):
+            module.let_go()
 
 
 @pytest.fixture(scope="session")
