@@ -6,8 +6,8 @@ Imports the real `comfy.model_management` and `comfy.model_patcher` (as `main.py
 loads the pack from <pack folder> the way ComfyUI's loader does (a module named after its path), points the
 `glm_image` model folder at <models dir> (which holds GLM-Image/), then runs Load -> Encode -> AR -> DiT by
 calling the node functions, and records what ComfyUI's loaded-model list says after each step, after
-`unload_all_models()`, after a partial unload request, after the next run, and after the model object is
-dropped. Writes the findings as JSON for tests/nodes/test_real_comfyui.py to check. Nothing here imports
+`unload_all_models()`, after a partial unload request, after the next run, after the model object is dropped
+(the loader still holds it, and hands it back), and once the loader's hold ends. Writes the findings as JSON for tests/nodes/test_real_comfyui.py to check. Nothing here imports
 this repository's packages.
 """
 from __future__ import annotations
@@ -107,12 +107,22 @@ def main(comfyui_dir: str, pack_folder: str, models_dir: str, out_path: str) -> 
     report["same_image_after_partial"] = bool(torch.equal(first, third))
     report["after_partial_rerun"] = ours()
 
-    # The loader's output dropped (ComfyUI's cache replaced it): our entries leave the loaded list.
+    # The loader's output dropped (ComfyUI's cache released it): the loader still holds the model for a while
+    # (nodes/recent_model.py), so a loader that runs again gets it back and our entries stay listed; once that
+    # hold ends, they leave the loaded list.
+    def our_entries() -> int:
+        gc.collect()
+        mm.cleanup_models_gc()
+        return len([e for e in mm.current_loaded_models if hasattr(getattr(e.model, "model", None), "stage_module")])
+
+    held_id = id(model)
     del model, cond, tokens, tokens_again, dit_entry
-    gc.collect()
-    mm.cleanup_models_gc()
-    report["after_model_dropped"] = len([e for e in mm.current_loaded_models
-                                         if hasattr(getattr(e.model, "model", None), "stage_module")])
+    report["after_model_dropped_held"] = our_entries()
+    (again,) = nodes["GLMImageLoader"]().load("GLM-Image", "fp32")
+    report["loader_again_same_model"] = id(again) == held_id
+    del again
+    sys.modules[f"{module_name}.nodes.recent_model"].let_go()
+    report["after_model_dropped"] = our_entries()
     report["warnings"] = warnings.messages
     Path(out_path).write_text(json.dumps(report, indent=1))
 

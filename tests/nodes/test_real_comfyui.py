@@ -267,6 +267,7 @@ def test_real_model_management_lists_evicts_and_reloads_our_stages(server, tmp_p
     assert report["same_image_after_partial"]
     check_loaded(report["after_partial_rerun"]["dit"], "dit")
 
+    assert report["after_model_dropped_held"] >= 3 and report["loader_again_same_model"], report
     assert report["after_model_dropped"] == 0
     assert not [w for w in report["warnings"] if "leak" in w.lower()], report["warnings"]
 
