@@ -11,7 +11,9 @@ model management, which moves them off the GPU when others need the room, as bef
 Only one model is held (a loader run with other inputs replaces it), and only while the host has memory to
 spare: it is let go KEEP_S seconds after its last use, or as soon as the host's available memory falls below
 ComfyUI's own cache headroom (10% of RAM, 2-10 GB), whichever comes first. Letting go only drops this
-reference; if ComfyUI still caches the loader's output, nothing is freed until ComfyUI lets go too.
+reference; if ComfyUI still caches the loader's output, nothing is freed until ComfyUI lets go too. A watcher thread
+checks every POLL_S seconds, so the model is let go even when no node of ours runs again; the last reference then
+dies in that thread, as ComfyUI's own models do when a garbage collection runs in a thread other than its worker.
 """
 from __future__ import annotations
 
