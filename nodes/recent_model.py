@@ -45,7 +45,9 @@ def put(key: tuple, model) -> None:
     """Hold `model` (loaded with `key`) instead of whatever was held."""
     with _lock:
         _keys[model] = key
+        replaced = _held.get("model")
         _held.update(key=key, model=model, last_use=time.monotonic())
+    del replaced  # outside the lock: if this was its last reference, its finalizers run here
     _watch()
 
 
@@ -55,7 +57,9 @@ def touch(model) -> None:
         key = _keys.get(model)
         if key is None:
             return
+        replaced = _held.get("model")
         _held.update(key=key, model=model, last_use=time.monotonic())
+    del replaced
     _watch()
 
 
@@ -68,16 +72,23 @@ def held():
 def let_go() -> None:
     """Hold nothing (from now until the next `put` or `touch`)."""
     with _lock:
+        released = _held.pop("model", None)
         _held.clear()
+    del released  # outside the lock: if this was its last reference, its finalizers run here
 
 
 def let_go_if_due(now: float | None = None) -> bool:
     """Drop the held model if its time is up or the host is short of memory. True if nothing is held afterwards."""
     now = time.monotonic() if now is None else now
+    short = host_memory_short()
     with _lock:
-        if _held and (now - _held["last_use"] > KEEP_S or host_memory_short()):
+        released = None
+        if _held and (now - _held["last_use"] > KEEP_S or short):
+            released = _held.pop("model")
             _held.clear()
-        return not _held
+        nothing_held = not _held
+    del released
+    return nothing_held
 
 
 def host_memory_short() -> bool:
