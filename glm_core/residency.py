@@ -24,7 +24,8 @@ _ALIGN = 256  # bytes: every tensor view starts aligned for any dtype and for ve
 
 
 def host_memory_available() -> int:
-    """Bytes the host can still give (MemAvailable), or 0 when unknown."""
+    """Bytes the host can still give (Linux: MemAvailable; elsewhere, e.g. Windows, psutil's reading where psutil is
+    installed, as it is with ComfyUI), or 0 when unknown."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -32,7 +33,11 @@ def host_memory_available() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    return int(psutil.virtual_memory().available)
 
 
 def _tensors(module: nn.Module) -> list[tuple[list[tuple[nn.Module, str]], torch.Tensor, bool]]:

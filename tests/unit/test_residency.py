@@ -214,3 +214,26 @@ def test_vae_decodes_without_the_dit_when_stages_take_turns(monkeypatch, demo_fo
     images = pipeline.generate(model, "a red cube", 512, 512, steps=2)
     assert images.shape[0] == 1 and torch.isfinite(images).all()
     assert events == ([("release", "dit"), ("vae", None)] if turns else [("vae", None)])
+
+
+def test_host_memory_is_read_through_psutil_where_there_is_no_proc_meminfo(monkeypatch):
+    """Windows (ComfyUI's portable build) has no /proc/meminfo; without a reading there, no stage ever got a host copy."""
+    import builtins
+    import sys
+    from types import SimpleNamespace
+
+    from glm_core import residency
+
+    real_open = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    reading = SimpleNamespace(available=48 << 30)
+    monkeypatch.setitem(sys.modules, "psutil", SimpleNamespace(virtual_memory=lambda: reading))
+    assert residency.host_memory_available() == 48 << 30
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: unknown
+    assert residency.host_memory_available() == 0
