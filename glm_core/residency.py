@@ -24,12 +24,22 @@ _ALIGN = 256  # bytes: every tensor view starts aligned for any dtype and for ve
 
 
 def host_memory_available() -> int:
-    """Bytes the host can still give (Linux: MemAvailable; elsewhere, e.g. Windows, psutil's reading where psutil is
-    installed, as it is with ComfyUI), or 0 when unknown."""
+    """Bytes the host can still give, or 0 when unknown (see `_host_memory`)."""
+    return _host_memory("MemAvailable", "available")
+
+
+def host_memory_total() -> int:
+    """Bytes of host RAM, or 0 when unknown (see `_host_memory`)."""
+    return _host_memory("MemTotal", "total")
+
+
+def _host_memory(meminfo_field: str, psutil_field: str) -> int:
+    """A host-memory figure: Linux's /proc/meminfo, elsewhere (e.g. Windows) psutil's reading where psutil is
+    installed, as it is with ComfyUI; 0 when neither answers."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(meminfo_field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -37,7 +47,7 @@ def host_memory_available() -> int:
         import psutil
     except ImportError:
         return 0
-    return int(psutil.virtual_memory().available)
+    return int(getattr(psutil.virtual_memory(), psutil_field))
 
 
 def _tensors(module: nn.Module) -> list[tuple[list[tuple[nn.Module, str]], torch.Tensor, bool]]:

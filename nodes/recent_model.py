@@ -17,7 +17,6 @@ dies in that thread, as ComfyUI's own models do when a garbage collection runs i
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -45,21 +44,22 @@ def put(key: tuple, model) -> None:
     """Hold `model` (loaded with `key`) instead of whatever was held."""
     with _lock:
         _keys[model] = key
-        replaced = _held.get("model")
-        _held.update(key=key, model=model, last_use=time.monotonic())
-    del replaced  # outside the lock: if this was its last reference, its finalizers run here
-    _watch()
+    _hold(key, model)
 
 
 def touch(model) -> None:
     """A node used `model`: hold it (again) from now on."""
     with _lock:
         key = _keys.get(model)
-        if key is None:
-            return
+    if key is not None:
+        _hold(key, model)
+
+
+def _hold(key: tuple, model) -> None:
+    with _lock:
         replaced = _held.get("model")
         _held.update(key=key, model=model, last_use=time.monotonic())
-    del replaced
+    del replaced  # outside the lock: if this was its last reference, its finalizers run here
     _watch()
 
 
@@ -94,18 +94,9 @@ def let_go_if_due(now: float | None = None) -> bool:
 def host_memory_short() -> bool:
     """Whether the host's available memory is below ComfyUI's cache headroom (10% of RAM, at least 2 GB, at most
     10 GB), or unknown."""
-    try:
-        import psutil  # a ComfyUI requirement
-        memory = psutil.virtual_memory()
-        available, total = memory.available, memory.total
-    except ImportError:
-        from ..glm_core.residency import host_memory_available
+    from ..glm_core.residency import host_memory_available, host_memory_total
 
-        available = host_memory_available()
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):
-            total = 0
+    available, total = host_memory_available(), host_memory_total()
     if available <= 0 or total <= 0:
         return True
     return available < min(10 * GB, max(2 * GB, 0.1 * total))

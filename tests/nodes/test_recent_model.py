@@ -7,7 +7,6 @@ import gc
 import sys
 import time
 import weakref
-from types import SimpleNamespace
 
 import pytest
 
@@ -85,17 +84,12 @@ def test_the_watcher_lets_go_without_any_node_running(load, recent, monkeypatch)
     assert recent.held() is None and ref() is None
 
 
-def test_host_memory_short_follows_comfyuis_cache_headroom(recent, monkeypatch):
+def test_host_memory_short_follows_comfyuis_cache_headroom(pack, recent, monkeypatch):
     gb = recent.GB
-
-    class Memory:
-        def __init__(self, available, total):
-            self.available, self.total = available, total
-
-    psutil = SimpleNamespace()  # what ComfyUI reads RAM with (one of its requirements)
-    monkeypatch.setitem(sys.modules, "psutil", psutil)
+    residency = sys.modules[f"{pack.module_name}.glm_core.residency"]
     for available, total, short in [(20 * gb, 64 * gb, False), (5 * gb, 64 * gb, True), (7 * gb, 64 * gb, False),
                                     (11 * gb, 256 * gb, False), (9 * gb, 256 * gb, True), (1.5 * gb, 8 * gb, True),
-                                    (2.5 * gb, 8 * gb, False)]:
-        psutil.virtual_memory = lambda a=available, t=total: Memory(a, t)
+                                    (2.5 * gb, 8 * gb, False), (0, 64 * gb, True), (20 * gb, 0, True)]:
+        readings = {"MemAvailable": available, "MemTotal": total}  # what the host reports (0: unknown)
+        monkeypatch.setattr(residency, "_host_memory", lambda field, _, readings=readings: int(readings[field]))
         assert recent.host_memory_short() is short, (available / gb, total / gb)

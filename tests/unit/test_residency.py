@@ -232,8 +232,9 @@ def test_host_memory_is_read_through_psutil_where_there_is_no_proc_meminfo(monke
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", no_meminfo)
-    reading = SimpleNamespace(available=48 << 30)
+    reading = SimpleNamespace(available=48 << 30, total=64 << 30)
     monkeypatch.setitem(sys.modules, "psutil", SimpleNamespace(virtual_memory=lambda: reading))
     assert residency.host_memory_available() == 48 << 30
+    assert residency.host_memory_total() == 64 << 30
     monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: unknown
-    assert residency.host_memory_available() == 0
+    assert residency.host_memory_available() == 0 and residency.host_memory_total() == 0
