@@ -60,6 +60,7 @@ if __package__ in (None, ""):  # `python bench/comfy_queue.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
+from bench.harness import named_phases  # noqa: E402
 from tests.harness import copy_pack, shrink_for_cpu, ui_to_api, validate_prompt  # noqa: E402
 from tests.nodes.comfy_files import write_reference_images  # noqa: E402
 from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, REPO_ROOT, WORKFLOWS_DIR  # noqa: E402
@@ -76,6 +77,7 @@ RESIDENCY_LOG = re.compile(r"Requested to load|loaded completely|loaded partiall
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # ComfyUI colours its log even into a file
 OOM_LOG = re.compile(r"Got an OOM|out of memory|OutOfMemoryError", re.IGNORECASE)
 PHASES = ("fresh", "cap", "restart", "cap_static", "cap_keep")
+QUEUES = ("first", "new_ar_seed", "dit_only", "edit", "multi_subject", "token_reuse")  # the plan of `Bench.queues`
 CAPPED = ("cap", "cap_static", "cap_keep")
 # Rough seconds each phase needs on an H200 (start-up included), to skip one that cannot finish in time.
 PHASE_MIN_S = {"fresh": 150, "restart": 45, "cap": 150, "cap_static": 150, "cap_keep": 150}
@@ -653,11 +655,8 @@ def main(argv=None) -> int:
                    help="more ComfyUI flags for every phase, e.g. \"--cache-ram 4 16\" (see the module docstring)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one)")
     args = p.parse_args(argv)
-    args.phases = [name.strip() for name in args.phases.split(",") if name.strip()]
-    args.queues = [name.strip() for name in args.queues.split(",") if name.strip()]
-    unknown = set(args.phases) - set(PHASES)
-    if unknown:
-        p.error(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    args.phases = named_phases(p, "--phases", args.phases, PHASES)
+    args.queues = named_phases(p, "--queues", args.queues, QUEUES)
     if args.second_model_width is None:
         args.second_model_width = 256 if args.cpu else 8192
     if args.our_model_gb is None:  # bf16 on disk; the CPU run loads fp32
