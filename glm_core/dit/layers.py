@@ -102,12 +102,15 @@ class TimestepSizeEmbedding(nn.Module):
         return F.silu(temb)  # (B, time_embed_dim)
 
 
-def rotary_cos_sin(grid_h: int, grid_w: int, head_dim: int, theta: float,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D RoPE tables (N_img, head_dim) float32 for a row-major (grid_h, grid_w) patch grid.
+def rotary_cos_sin(grid_h: int, grid_w: int, head_dim: int, theta: float, device: torch.device,
+                   text_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D RoPE tables (text_len + N_img, head_dim) float32 for `text_len` text tokens followed by a row-major
+    (grid_h, grid_w) patch grid.
 
     Per head: dims [0, D/4) rotate with the row, [D/4, D/2) with the column, and the second half
-    repeats the first, so `rotate_half` pairs dim i with i + D/2 (spec §1.5 step 1).
+    repeats the first, so `rotate_half` pairs dim i with i + D/2 (spec §1.5 step 1). Text tokens carry no
+    position (spec §6.14): their rows are the identity rotation (cos 1, sin 0), which leaves them exactly as
+    they are, so one rotation covers the whole [text, image] sequence and the block needs no text length.
     """
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float32, device=device) / half))
@@ -116,7 +119,11 @@ def rotary_cos_sin(grid_h: int, grid_w: int, head_dim: int, theta: float,
     freqs = torch.cat([rows[:, None, :].expand(grid_h, grid_w, -1),
                        cols[None, :, :].expand(grid_h, grid_w, -1)], dim=-1)  # (gh, gw, D/2)
     freqs = torch.cat([freqs, freqs], dim=-1).reshape(grid_h * grid_w, head_dim)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    if text_len:
+        cos = torch.cat([cos.new_ones(text_len, head_dim), cos])
+        sin = torch.cat([sin.new_zeros(text_len, head_dim), sin])
+    return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,18 +177,18 @@ class AdaLayerNormZero(nn.Module):
                                mlp_image=ModulationOut(*image[3:]), mlp_text=ModulationOut(*text[3:]))
 
 
-def _per_stream(text_part: torch.Tensor, image_part: torch.Tensor) -> torch.Tensor:
-    return torch.cat([text_part, image_part], dim=1)
-
-
-def modulate_streams(normed: torch.Tensor, text_len: int, text: ModulationOut, image: ModulationOut
+def modulate_streams(normed: torch.Tensor, is_text: torch.Tensor, text: ModulationOut, image: ModulationOut
                      ) -> torch.Tensor:
-    """The text tokens [0, L) and the image tokens [L, S) of one sequence, each with its own modulation."""
-    return _per_stream(text.modulate(normed[:, :text_len]), image.modulate(normed[:, text_len:]))
+    """Each token of one [text, image] sequence with its own stream's modulation; is_text (S,) bool.
+
+    A per-token choice rather than slices at the text length: the block then compiles once for any
+    text length (a length of 0 or 1, as in the reference and the unconditional passes, would otherwise
+    be a graph of its own), and each element is computed by the same arithmetic as before."""
+    return torch.where(is_text[:, None], text.modulate(normed), image.modulate(normed))
 
 
-def gate_streams(out: torch.Tensor, text_len: int, text: ModulationOut, image: ModulationOut) -> torch.Tensor:
-    return _per_stream(out[:, :text_len] * text.gate, out[:, text_len:] * image.gate)
+def gate_streams(out: torch.Tensor, is_text: torch.Tensor, text: ModulationOut, image: ModulationOut) -> torch.Tensor:
+    return torch.where(is_text[:, None], out * text.gate, out * image.gate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,23 +209,22 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def _heads(self, x: torch.Tensor, text_len: int, rope, normalize: bool) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, rope, normalize: bool) -> torch.Tensor:
         x = x.unflatten(-1, (self.heads, self.head_dim))  # (B, S, heads, D)
         if not normalize:
             return x.transpose(1, 2)
         x = F.layer_norm(x, (self.head_dim,), eps=self.eps)
-        # Text tokens carry no position (spec §6.14); the image part gets 2-D RoPE.
-        x = torch.cat([x[:, :text_len], apply_rotary(x[:, text_len:], *rope)], dim=1)
+        x = apply_rotary(x, *rope)  # the text rows of the tables are the identity (`rotary_cos_sin`)
         return x.transpose(1, 2)  # (B, heads, S, D)
 
-    def forward(self, tokens: torch.Tensor, text_len: int, rope, reference=None):
+    def forward(self, tokens: torch.Tensor, rope, reference=None):
         """tokens (B, S, dim) -> (out (B, S, dim), (k, v) each (B, heads, S, D) as fed to the reference cache).
 
         `reference`: (k, v) each (1, heads, N_ref, D) prepended to this pass's keys / values.
         """
-        query = self._heads(self.to_q(tokens), text_len, rope, normalize=True)
-        key = self._heads(self.to_k(tokens), text_len, rope, normalize=True)
-        value = self._heads(self.to_v(tokens), text_len, rope, normalize=False)
+        query = self._heads(self.to_q(tokens), rope, normalize=True)
+        key = self._heads(self.to_k(tokens), rope, normalize=True)
+        value = self._heads(self.to_v(tokens), rope, normalize=False)
         own_kv = (key, value)
         if reference is not None:
             batch = tokens.shape[0]
@@ -241,17 +247,18 @@ class DiTBlock(nn.Module):
         self.attn1 = Attention(config)
         self.ff = FeedForward(dim, 4 * dim, dim, _gelu_tanh)
 
-    def forward(self, tokens: torch.Tensor, text_len: int, temb: torch.Tensor, rope, reference=None):
-        """tokens (B, L + N_img, dim) -> same shape, plus this block's (k, v) for the reference cache."""
+    def forward(self, tokens: torch.Tensor, is_text: torch.Tensor, temb: torch.Tensor, rope, reference=None):
+        """tokens (B, L + N_img, dim) -> same shape, plus this block's (k, v) for the reference cache.
+        is_text (L + N_img,) bool marks the text tokens; rope: (L + N_img, D) tables (`rotary_cos_sin`)."""
         mod = self.norm1(temb)
         normed = F.layer_norm(tokens, tokens.shape[-1:], eps=self.eps)
-        attn_out, own_kv = self.attn1(modulate_streams(normed, text_len, mod.attn_text, mod.attn_image),
-                                      text_len, rope, reference)
-        tokens = tokens + gate_streams(attn_out, text_len, mod.attn_text, mod.attn_image)
+        attn_out, own_kv = self.attn1(modulate_streams(normed, is_text, mod.attn_text, mod.attn_image),
+                                      rope, reference)
+        tokens = tokens + gate_streams(attn_out, is_text, mod.attn_text, mod.attn_image)
 
         normed = F.layer_norm(tokens, tokens.shape[-1:], eps=self.eps)
-        ff_out = self.ff(modulate_streams(normed, text_len, mod.mlp_text, mod.mlp_image))  # one FFN, both streams
-        tokens = tokens + gate_streams(ff_out, text_len, mod.mlp_text, mod.mlp_image)
+        ff_out = self.ff(modulate_streams(normed, is_text, mod.mlp_text, mod.mlp_image))  # one FFN, both streams
+        tokens = tokens + gate_streams(ff_out, is_text, mod.mlp_text, mod.mlp_image)
         return tokens, own_kv
 
 

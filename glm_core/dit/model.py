@@ -84,24 +84,23 @@ class GlmImageDiT(nn.Module):
             prior = prior * keep
         return image_tokens + self.prior_projector(prior)
 
-    def _run_blocks(self, tokens, text_len, temb, rope, reference_kv, collect_kv: bool):
+    def _run_blocks(self, tokens, is_text, temb, rope, reference_kv, collect_kv: bool):
         collected_keys, collected_values = [], []
         if self.compile_backend is None:
             run_block = DiTBlock.__call__
         else:
             # inductor fuses the LayerNorms, modulation, QK-norm + RoPE, gates and residuals around the
             # matmuls. Token counts are marked dynamic (else dynamo specialises them through the RoPE
-            # broadcast): one graph per pass kind serves every resolution.
+            # broadcast): one graph serves every resolution and text length, a second one the edits.
             run_block = compiled(DiTBlock.forward, "DiT block", self.compile_backend)
-            _mark_dynamic(tokens, 1)
-            _mark_dynamic(rope[0], 0)
-            _mark_dynamic(rope[1], 0)
+            for tensor, dim in ((tokens, 1), (is_text, 0), (rope[0], 0), (rope[1], 0)):
+                _mark_dynamic(tensor, dim)
         for index, block in enumerate(self.transformer_blocks):
             reference = reference_kv.layer(index) if reference_kv is not None else None
             if reference is not None and self.compile_backend is not None:
                 _mark_dynamic(reference[0], 2)
                 _mark_dynamic(reference[1], 2)
-            tokens, (key, value) = run_block(block, tokens, text_len, temb, rope, reference)
+            tokens, (key, value) = run_block(block, tokens, is_text, temb, rope, reference)
             if collect_kv:
                 collected_keys.append(key)
                 collected_values.append(value)
@@ -114,7 +113,7 @@ class GlmImageDiT(nn.Module):
         return out.reshape(B, -1, h, w)
 
     def _prepare(self, latents, glyph_embeds, prior_token_ids, timestep, target_size, crop_coords, prior_drop):
-        """Common input handling: (tokens (B, L + N_img, dim), text_len, temb, rope)."""
+        """Common input handling: (tokens (B, L + N_img, dim), L, is_text (L + N_img,) bool, temb, rope)."""
         batch, _, h, w = latents.shape
         p = self.config.patch_size
         if h % p or w % p:
@@ -138,9 +137,12 @@ class GlmImageDiT(nn.Module):
         temb = self.time_condition_embed(_batch_scalars(timestep, batch, device),
                                          _batch_pairs(target_size, batch, device),
                                          _batch_pairs(crop_coords, batch, device), dtype)
-        rope = rotary_cos_sin(h // p, w // p, self.config.attention_head_dim, self.config.rope_theta, device)
+        text_len = text_tokens.shape[1]
+        rope = rotary_cos_sin(h // p, w // p, self.config.attention_head_dim, self.config.rope_theta, device,
+                              text_len)
         tokens = torch.cat([text_tokens, image_tokens], dim=1)
-        return tokens, text_tokens.shape[1], temb, rope
+        is_text = torch.arange(tokens.shape[1], device=device) < text_len
+        return tokens, text_len, is_text, temb, rope
 
     # -- public API --------------------------------------------------------------------------
 
@@ -156,9 +158,9 @@ class GlmImageDiT(nn.Module):
         prior_drop: (B,) or (B, N_img) bool; True zeroes the prior embedding (the unconditional pass).
         reference_kv: reference-image K/V prepended to every block's keys (conditional pass only).
         """
-        tokens, text_len, temb, rope = self._prepare(latents, glyph_embeds, prior_token_ids, timestep,
-                                                     target_size, crop_coords, prior_drop)
-        tokens, _ = self._run_blocks(tokens, text_len, temb, rope, reference_kv, collect_kv=False)
+        tokens, text_len, is_text, temb, rope = self._prepare(latents, glyph_embeds, prior_token_ids, timestep,
+                                                              target_size, crop_coords, prior_drop)
+        tokens, _ = self._run_blocks(tokens, is_text, temb, rope, reference_kv, collect_kv=False)
         image_tokens = self.proj_out(self.norm_out(tokens[:, text_len:], temb))  # the glyph stream is dropped
         return self._unpatchify(image_tokens, latents.shape[-2], latents.shape[-1])
 
@@ -179,8 +181,8 @@ class GlmImageDiT(nn.Module):
             if latent.dim() != 4 or latent.shape[0] != 1:
                 raise ValueError(f"each reference latent must be (1, C, h, w), got {tuple(latent.shape)}")
             no_glyph = latent.new_zeros(1, 0, self.config.text_embed_dim)  # (1, 0, text_embed_dim)
-            tokens, text_len, temb, rope = self._prepare(latent, no_glyph, prior_ids, 0.0, size, None, None)
-            _, (keys, values) = self._run_blocks(tokens, text_len, temb, rope, None, collect_kv=True)
+            tokens, _, is_text, temb, rope = self._prepare(latent, no_glyph, prior_ids, 0.0, size, None, None)
+            _, (keys, values) = self._run_blocks(tokens, is_text, temb, rope, None, collect_kv=True)
             parts.append(ReferenceKV(tuple(keys), tuple(values)))
         return ReferenceKV.concat(parts)
 

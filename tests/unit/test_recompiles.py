@@ -66,3 +66,34 @@ def test_more_references_do_not_recompile_the_dit_block(tiny_checkpoint):
     torch._dynamo.reset()
     assert len(sizes.recompile_references) >= 3
     assert counter.recompiles == 0, "\n".join(counter.reasons)
+
+
+def test_one_dit_block_graph_for_every_text_length(dit):
+    """The conditional pass (the glyph's L tokens), the unconditional one (one negative glyph token) and a
+    reference's pass (no text) compile the DiT block once between them, and editing adds one graph (the reference
+    K/V): each graph costs a trace and a cache load on every cold start. Text lengths 0 and 1 are sizes dynamo
+    specialises; the block used to take the text length and compiled three graphs for one edit's inputs."""
+    import copy
+
+    from bench.recompiles import CompileCounter
+    from glm_core.dit.sampling import DiTConditioning, predict_velocity
+
+    g = torch.Generator().manual_seed(3)
+    text_dim = dit.config.text_embed_dim
+    latents = torch.randn(1, 16, 8, 12, generator=g)
+    cond = DiTConditioning(torch.randn(1, 5, text_dim, generator=g), torch.randint(0, 16384, (1, 24), generator=g),
+                           (64, 96), negative_glyph_embeds=torch.randn(1, 1, text_dim, generator=g))
+    torch._dynamo.reset()
+    model = copy.deepcopy(dit)
+    model.compile_backend = "eager"
+    with torch.no_grad(), CompileCounter() as text_to_image:  # no_grad as in `denoise`
+        predict_velocity(model, latents, cond, 966.0, 1.5)
+        cond.glyph_embeds = cond.glyph_embeds[:, :3]  # another prompt's glyph length
+        predict_velocity(model, latents, cond, 500.0, 1.5)
+        cond.reference_kv = model.encode_references([torch.randn(1, 16, 8, 8, generator=g)],
+                                                    [torch.randint(0, 16384, (16,), generator=g)], [(64, 64)])
+    with torch.no_grad(), CompileCounter() as edit:
+        predict_velocity(model, latents, cond, 966.0, 1.5)
+    torch._dynamo.reset()
+    assert text_to_image.compiled_frames == 1, text_to_image.reasons
+    assert edit.compiled_frames == 1, edit.reasons
