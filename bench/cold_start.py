@@ -58,7 +58,7 @@ def run_cli(command: list[str], cache_dir: Path, timeout_s: float, one_thread: b
     timings = json.loads(Path(command[command.index("--timings") + 1]).read_text())
     files = sum(1 for path in cache_dir.rglob("*") if path.is_file())
     return {"wall_s": wall, "startup_s": wall - timings["total_s"], **timings, "cache_files_after": files,
-            "stderr_tail": proc.stderr.strip().splitlines()[-12:]}
+            "stderr_tail": proc.stderr.strip().splitlines()[-40:]}
 
 
 def phase_cold(b, clock: Deadline) -> None:

@@ -208,10 +208,10 @@ class RunTimings:
             self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
 
     def write(self, path: Path) -> None:
-        from .compiling import compile_seconds
+        from .compiling import compile_seconds, compile_seconds_by_kind
 
         data = {"total_s": time.perf_counter() - self.start, "parts_s": self.parts, "loads_s": self.loads,
-                "compile_s": compile_seconds()}
+                "compile_s": compile_seconds(), "compile_by_kind_s": compile_seconds_by_kind()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 

@@ -153,11 +153,18 @@ def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND, *,
 
 def compile_seconds() -> float | None:
     """torch.compile's own time so far in this process (dynamo tracing + the backend), None where torch does not say."""
+    by_kind = compile_seconds_by_kind()
+    return None if by_kind is None else by_kind.get("entire_frame_compile", 0.0)
+
+
+def compile_seconds_by_kind() -> dict[str, float] | None:
+    """torch.compile's time so far by the kinds torch counts (tracing the frame, the backend, inductor's code
+    generation, cache loads, ...), None where torch does not say."""
     if "torch._dynamo" not in sys.modules:
-        return 0.0
+        return {}
     try:
         from torch._dynamo.utils import calculate_time_spent
 
-        return calculate_time_spent().get("entire_frame_compile", 0.0)
+        return {kind: float(seconds) for kind, seconds in calculate_time_spent().items()}
     except (ImportError, AttributeError):
         return None
