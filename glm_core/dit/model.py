@@ -31,14 +31,22 @@ def _mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.maybe_mark_dynamic(tensor, dim % tensor.dim())
 
 
+# Scalars and pairs given as Python numbers are filled in on the device: a copy from host memory waits for every
+# kernel queued before it, which would stall the denoising loop at each pass instead of letting it run ahead.
 def _batch_scalars(value, batch: int, device) -> torch.Tensor:
     """A float, (1,) or (B,) tensor -> (B,) float32."""
+    if isinstance(value, (int, float)):
+        return torch.full((batch,), float(value), dtype=torch.float32, device=device)
     value = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1)
     return value.expand(batch) if value.numel() == 1 else value
 
 
 def _batch_pairs(value, batch: int, device) -> torch.Tensor:
     """(a, b), (2,), (1, 2) or (B, 2) -> (B, 2) float32."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        pairs = torch.empty((batch, 2), dtype=torch.float32, device=device)
+        pairs[:, 0], pairs[:, 1] = float(value[0]), float(value[1])
+        return pairs
     value = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1, 2)
     return value.expand(batch, 2) if value.shape[0] == 1 else value
 

@@ -69,7 +69,7 @@ def predict_velocity(dit: GlmImageDiT, latents: torch.Tensor, cond: DiTCondition
         return velocity
     if cond.negative_glyph_embeds is None:
         raise ValueError("guidance > 1 needs negative_glyph_embeds (GlyphEncoder.encode_negative)")
-    drop_prior = torch.ones(latents.shape[0], dtype=torch.bool)
+    drop_prior = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
     uncond = dit(latents, cond.negative_glyph_embeds, cond.prior_ids, timestep, cond.target_size,
                  prior_drop=drop_prior).float()
     return guided_velocity(velocity, uncond, guidance)
@@ -86,10 +86,10 @@ def denoise(dit: GlmImageDiT, latents: torch.Tensor, cond: DiTConditioning, time
     """
     device = dit.device
     noisy = latents.to(device).float()
-    sigmas = sigmas.to(device)
+    sigmas, timesteps = sigmas.to(device), timesteps.to(device)  # once: a copy per step would wait for the GPU
     steps = len(timesteps)
     for i in range(steps):
-        t = dit_timestep(timesteps[i : i + 1].to(device), noisy.shape[0])
+        t = dit_timestep(timesteps[i : i + 1], noisy.shape[0])
         velocity = predict_velocity(dit, noisy.to(dit.dtype), cond, t, guidance)
         if on_step is not None:
             on_step(i + 1, steps, noisy - sigmas[i] * velocity)
