@@ -60,7 +60,7 @@ if __package__ in (None, ""):  # `python bench/comfy_queue.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
-from bench.harness import named_phases  # noqa: E402
+from bench.harness import bytecode_warning, named_phases, python_bytecode  # noqa: E402
 from tests.harness import copy_pack, shrink_for_cpu, ui_to_api, validate_prompt  # noqa: E402
 from tests.nodes.comfy_files import write_reference_images  # noqa: E402
 from tests.nodes.pack_facts import DEFAULT_MODEL_FOLDER, REPO_ROOT, WORKFLOWS_DIR  # noqa: E402
@@ -378,7 +378,13 @@ class Bench:
                      "command": " ".join(["python -m bench.comfy_queue"] + sys.argv[1:]),
                      "comfyui_version": comfyui_version(Path(args.comfy)), "device": "cpu" if args.cpu else "cuda",
                      "cap_gb": args.cap_gb, "cap_mode": "emulated (CPU)" if args.cpu else args.cap_mode,
-                     "second_model_gb": args.second_model_gb, "phases": {}, "ooms": 0, "errors": []}
+                     "second_model_gb": args.second_model_gb, "phases": {}, "ooms": 0, "errors": [],
+                     "python_bytecode": python_bytecode(), "notes": []}
+        # The server runs under --python: this process's finding holds for it only when it is the same Python.
+        warning = bytecode_warning(self.data["python_bytecode"]) if Path(args.python) == Path(sys.executable) else None
+        if warning:
+            log(f"WARNING: {warning}", self.t0)
+            self.data["notes"].append(warning)
         self.write()
 
     def remaining(self) -> float:
@@ -625,6 +631,8 @@ def render_markdown(data: dict) -> str:
                 lines.append(f"- error: `{q['error'][:500]}`")
             lines += [f"    {line}" for line in q.get("log", [])] or ["    (no residency lines)"]
             lines.append("")
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in data["notes"]] + [""]
     if data["errors"]:
         lines += ["## Errors", ""] + [f"- {e['phase']}: {e['error'][:1000]}" for e in data["errors"]]
     return "\n".join(lines) + "\n"

@@ -363,7 +363,31 @@ def base_meta(device: torch.device, argv: list[str], mode: str) -> dict:
         "command": " ".join(["python"] + argv),
         "mode": mode,
         "reference_versions": versions,
+        "python_bytecode": python_bytecode(),
     }
+
+
+def python_bytecode() -> dict:
+    """Whether this Python finds torch byte-compiled (.pyc) and may write .pyc files, and where it keeps them.
+
+    A process that finds no .pyc compiles every module it imports from source. pip writes them when it installs
+    a package; the device machine's image sets PYTHONDONTWRITEBYTECODE and ships none, so each fresh process there
+    spent ~6 s of a cold CLI run compiling torch's modules (2026-11-30), which a user's install never pays."""
+    import importlib.util
+
+    cached = importlib.util.cache_from_source(torch.__file__)  # follows sys.pycache_prefix
+    return {"torch_byte_compiled": os.path.exists(cached), "writes_pyc": not sys.dont_write_bytecode,
+            "pycache_prefix": sys.pycache_prefix}
+
+
+def bytecode_warning(state: dict) -> str | None:
+    """The report's note when fresh processes would compile torch from source, with the fix."""
+    if state["torch_byte_compiled"]:
+        return None
+    return ("torch is not byte-compiled for this Python (no .pyc" + ("" if state["writes_pyc"] else
+            ", and PYTHONDONTWRITEBYTECODE is set") + "): fresh processes (cold CLI, ComfyUI restarts) compile "
+            "what they import from source, which a pip install does not; first run `export "
+            "PYTHONPYCACHEPREFIX=/tmp/pycache; python -m compileall -q -j 0 <site-packages folders>` (bench/README.md)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,7 +506,8 @@ def open_report(args: argparse.Namespace, argv: list[str], module: str, stem: st
     versions = report.data["reference_versions"]
     log(f"GPU: {report.data['gpu']}; torch {versions['torch']} (CUDA {versions['cuda']}), transformers "
         f"{versions.get('transformers')}, diffusers {versions.get('diffusers')}", deadline)
-    for warning in version_warnings(versions):
+    warnings = version_warnings(versions) + [bytecode_warning(report.data["python_bytecode"])]
+    for warning in filter(None, warnings):
         log(f"WARNING: {warning}", deadline)
         report.note(warning)
     return report, deadline, device

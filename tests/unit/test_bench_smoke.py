@@ -296,3 +296,29 @@ def test_real_configuration_builds_both_sides_with_identical_keys_and_shapes():
 
     for p, n in ((prompt, 1280), (edit, 0)):
         assert torch.equal(ours_positions(cfg.ar, p, n), reference_positions(ar_ref, p, "cpu", n))
+
+
+def test_reports_say_when_fresh_processes_compile_torch_from_source(tmp_path):
+    """The device image writes no .pyc files (PYTHONDONTWRITEBYTECODE, none shipped): a fresh process there compiles
+    torch from source, seconds that a user's pip install never pays. The reports must say so, and stop saying so
+    once the packages are byte-compiled into PYTHONPYCACHEPREFIX."""
+    probe = ("import json; from bench.harness import bytecode_warning, python_bytecode; state = python_bytecode(); "
+             "print(json.dumps({'state': state, 'warning': bytecode_warning(state)}))")
+
+    def state_in(env_update: dict) -> dict:
+        env = dict(os.environ, **env_update)
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    empty_prefix = str(tmp_path / "pycache")
+    without = state_in({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": empty_prefix})
+    assert without["state"] == {"torch_byte_compiled": False, "writes_pyc": False, "pycache_prefix": empty_prefix}
+    assert "PYTHONDONTWRITEBYTECODE" in without["warning"] and "compileall" in without["warning"]
+
+    torch_init = Path(torch.__file__)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(torch_init)], env=dict(
+        os.environ, PYTHONPYCACHEPREFIX=empty_prefix), check=True, timeout=300)
+    compiled = state_in({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": empty_prefix})
+    assert compiled["state"]["torch_byte_compiled"] and compiled["warning"] is None
