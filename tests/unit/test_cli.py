@@ -65,3 +65,53 @@ def test_cli_bad_width_exits_2(tiny_checkpoint, tmp_path):
     assert "width 500" in result.stderr and "multiple of 32" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_cli_ends_without_finalisation_but_with_its_output_and_code(tmp_path, monkeypatch):
+    """`exit_now` flushes what was printed and ends the process with main's code at once; with a tracer or a
+    profiler attached it exits normally instead (they write their results during finalisation)."""
+    from glm_core import __main__ as cli
+
+    ended = []
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(code):
+        ended.append(code)
+        raise Ended
+
+    flushed = []
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: flushed.append("logging"))
+    monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append("stdout"))
+    monkeypatch.setattr(sys.stderr, "flush", lambda: flushed.append("stderr"))
+    tracer = sys.gettrace()  # pytest's coverage or a debugger may have one: the test needs none, then its own
+    sys.settrace(None)
+    try:
+        try:
+            cli.exit_now(2)
+        except Ended:
+            pass
+        assert ended == [2] and flushed == ["logging", "stdout", "stderr"]
+        sys.settrace(lambda *args: None)
+        try:
+            cli.exit_now(3)
+        except SystemExit as exit_:
+            assert exit_.code == 3
+        else:
+            raise AssertionError("exit_now skipped finalisation under a tracer")
+    finally:
+        sys.settrace(tracer)
+    assert ended == [2]
+
+
+def test_cli_profiled_run_still_writes_its_profile(tmp_path):
+    """`python -m cProfile -o FILE -m glm_core ...` must leave FILE: the profiler writes it after the module ends."""
+    profile = tmp_path / "cli.prof"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "glm_core", "--prompt", "a cat",
+                             "--width", "33"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert "multiple of 32" in result.stderr, result.stderr  # (cProfile itself swallows the exit code)
+    assert profile.stat().st_size > 0
