@@ -1,7 +1,7 @@
 """glm_core timed through its public API on a checkpoint folder, as every caller runs it.
 
-A whole image is `encode_prompt` -> `generate_tokens` -> `decode` (what `glm_core.pipeline.generate` calls), each
-part timed between synchronisations; the AR figure is that `generate_tokens` call, the decode figure that `decode`
+A whole image is `encode_prompt` -> `generate_tokens` -> `decode` (what `glm_core.pipeline.generate` calls, the
+decode's stages prepared while the AR decodes, as it does), each part timed between synchronisations; the AR figure is that `generate_tokens` call, the decode figure that `decode`
 call (glyph encoder, the 50 DiT steps, VAE). The DiT's per-step figure times `glm_core.dit.sampling.denoise`, the
 loop `decode` runs, for a few steps of the real schedule and divides.
 
@@ -67,7 +67,7 @@ class OursSession:
             self.open()
         cond = encode_prompt(self.model, prompt, width, height, references)
         encode_s = laps.lap()
-        tokens = generate_tokens(self.model, cond, seed=seed, batch_size=batch)
+        tokens = generate_tokens(self.model, cond, seed=seed, batch_size=batch, prefetch_decode=True)  # as generate
         ar_s = laps.lap()
         images = decode(self.model, cond, tokens, steps=steps, guidance=guidance, seed=seed)
         decode_s = laps.lap()

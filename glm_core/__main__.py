@@ -316,7 +316,8 @@ def run(args, timings: RunTimings | None = None) -> int:
         ar_seed = args.seed if args.ar_seed is None else args.ar_seed
         with part("generate_tokens"):
             tokens = generate_tokens(model, cond, seed=ar_seed, temperature=args.temperature, top_p=args.top_p,
-                                     top_k=args.top_k, batch_size=args.batch, progress=ProgressLines("AR tokens"))
+                                     top_k=args.top_k, batch_size=args.batch, progress=ProgressLines("AR tokens"),
+                                     prefetch_decode=not args.tokens_only)
         if args.save_tokens:
             print(f"tokens written to {save_tokens(tokens, args.save_tokens)}", file=sys.stderr)
         if args.tokens_only:

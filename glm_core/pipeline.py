@@ -25,6 +25,7 @@ from .memory import (GB, VAE_DECODE_BYTES_PER_PIXEL, estimated_working_bytes, fr
                      out_of_memory_error)
 from .limits import (PLACEMENTS, WEIGHT_CHOICES, WEIGHT_FORMATS, check_decode_settings, check_prompt,
                      validate_target_size)
+from .prefetch import DecodePrefetch
 from .processor import PromptProcessor, adjust_reference_size
 from .fp8 import stored_in_fp8
 from .residency import StageWeights, host_copy_plan
@@ -92,6 +93,9 @@ class GlmImage:
         self._weights: dict[str, StageWeights] = {}
         self._meta: dict[str, torch.nn.Module] = {}
         self._nbytes: dict[str, int] = {}
+        self._prefetch: DecodePrefetch | None = None
+        # (batch, with references) of the decodes run in this process: their DiT graphs are compiled
+        self.decode_graphs_run: set[tuple[int, bool]] = set()
         # on_load(stage, bytes, None) before a stage's weights load, (stage, bytes, seconds) after
         self.on_load: Callable[[str, int, float | None], None] | None = None
 
@@ -156,39 +160,56 @@ class GlmImage:
         for name in names:
             if name not in STAGES:
                 raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+        self.finish_prefetch()
         missing = [name for name in names if not self.on_device(name)]
         if not missing:
             return
         if self.device.type == "cuda":
             self._make_room(names, sum(self.stage_nbytes(name) for name in missing), working_bytes)
         for name in missing:
-            module = self._modules.get(name)
-            if module is None:
-                if self.on_load is not None:
-                    self.on_load(name, self.stage_nbytes(name), None)
-                start = time.perf_counter()
-                with gpu_released_on_error(f"loading the {name} weights", self.device):
-                    module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))
-                self._modules[name] = module
-                read_s = _seconds_since(start, self.device)
-                log.info("loaded %s weights (%.1f GB) in %.1f s", STAGE_TITLES[name], self.stage_nbytes(name) / GB,
-                         read_s)
-                if name in _FP8_STAGES and self.takes_turns():
-                    weights = self._host_copy(name)
-                    if weights is not None:  # None: the host has no room, the stage is re-read when it returns
-                        copy_start = time.perf_counter()
-                        weights.keep_host_copy()
-                        log.info("made a %s host copy of the %s weights in %.1f s (the stages take turns on the "
-                                 "GPU)", "page-locked" if weights.pinned else "pageable", STAGE_TITLES[name],
-                                 time.perf_counter() - copy_start)
-                if self.on_load is not None:
-                    self.on_load(name, self.stage_nbytes(name), time.perf_counter() - start)
+            if name not in self._modules:
+                self.load_stage(name)
             else:
                 start = time.perf_counter()
                 with gpu_released_on_error(f"moving the {name} weights back to the GPU", self.device):
                     self._weights[name].to_device(self.device)
                 log.info("moved %s weights back to the GPU from their host copy in %.1f s", STAGE_TITLES[name],
                          _seconds_since(start, self.device))
+
+    def load_stage(self, name: str) -> None:
+        """Read a stage's weights onto the device (no room is made: `prepare` does that first)."""
+        if self.on_load is not None:
+            self.on_load(name, self.stage_nbytes(name), None)
+        start = time.perf_counter()
+        with gpu_released_on_error(f"loading the {name} weights", self.device):
+            module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))
+        self._modules[name] = module
+        read_s = _seconds_since(start, self.device)
+        log.info("loaded %s weights (%.1f GB) in %.1f s", STAGE_TITLES[name], self.stage_nbytes(name) / GB, read_s)
+        if name in _FP8_STAGES and self.takes_turns():
+            weights = self._host_copy(name)
+            if weights is not None:  # None: the host has no room, the stage is re-read when it returns
+                copy_start = time.perf_counter()
+                weights.keep_host_copy()
+                log.info("made a %s host copy of the %s weights in %.1f s (the stages take turns on the GPU)",
+                         "page-locked" if weights.pinned else "pageable", STAGE_TITLES[name],
+                         time.perf_counter() - copy_start)
+        if self.on_load is not None:
+            self.on_load(name, self.stage_nbytes(name), time.perf_counter() - start)
+
+    def start_prefetch(self, prefetch: "DecodePrefetch") -> None:
+        """Run a prefetch beside the current stage (`glm_core.prefetch`); every later change of the stages waits
+        for it to end first."""
+        self.finish_prefetch()
+        self._prefetch = prefetch
+        prefetch.start()
+
+    def finish_prefetch(self) -> None:
+        """Wait for a running prefetch (a no-op on its own thread and when none runs)."""
+        prefetch = self._prefetch
+        if prefetch is not None and not prefetch.is_own_thread():
+            self._prefetch = None
+            prefetch.join()
 
     def ensure_free(self, working_bytes: int, keep: Sequence[str]) -> None:
         """Before a large allocation: unless placement is "gpu", move stages other than `keep` off the GPU
@@ -249,6 +270,7 @@ class GlmImage:
     def release(self, name: str) -> None:
         """Take a stage off the GPU: into its host copy when the host has room (made the first time, free
         afterwards), else dropped (read from the files again when next needed)."""
+        self.finish_prefetch()
         module = self._modules.get(name)
         if module is None or not self.on_device(name) or self.device.type != "cuda":
             return
@@ -313,6 +335,7 @@ class GlmImage:
 
     def unload(self, stage: str | None = None) -> None:
         """Drop a stage's weights (or all) and their host copies; they are read from disk again when next needed."""
+        self.finish_prefetch()
         for name in [stage] if stage else list(self._modules):
             self._modules.pop(name, None)
             self._weights.pop(name, None)
@@ -337,9 +360,10 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 
 
 def _seconds_since(start: float, device: torch.device) -> float:
-    """Wall seconds since `start` once the device has finished the work queued so far."""
+    """Wall seconds since `start` once this thread's stream has finished the work queued on it so far (not the
+    whole device: a prefetch's loads must not wait for the AR beside them)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
     return time.perf_counter() - start
 
 
@@ -406,9 +430,13 @@ def sampling_settings(model: GlmImage, temperature: float | None = None, top_p: 
 
 def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperature: float | None = None,
                     top_p: float | None = None, top_k: int | None = None, batch_size: int = 1,
-                    progress: Progress | None = None, interrupt: Interrupt | None = None) -> PriorTokens:
+                    progress: Progress | None = None, interrupt: Interrupt | None = None,
+                    prefetch_decode: bool = False) -> PriorTokens:
     """Sample the semantic token grid(s); item i of the batch uses seed + i. Unset sampling values come from
-    the checkpoint's generation config (`GlmImage.sampling_defaults`)."""
+    the checkpoint's generation config (`GlmImage.sampling_defaults`).
+
+    prefetch_decode: while the AR decodes, load the decode stages and warm the DiT's compiled graph for this
+    conditioning on a side thread, where they fit beside the AR (`glm_core.prefetch`); `decode` waits for it."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     settings = sampling_settings(model, temperature, top_p, top_k)
@@ -419,10 +447,16 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
     seeds = [seed + i for i in range(batch_size)]
     model.prepare(["ar"], estimated_working_bytes("ar", height=cond.height, width=cond.width, batch=batch_size,
                                                   reference_tokens=cond.reference_tokens))
+    prefetch = DecodePrefetch(model, cond, batch_size) if prefetch_decode else None
     start = time.perf_counter()
-    with gpu_released_on_error("sampling the AR tokens", model.device):
-        grid_ids = generate_grids(model.stage("ar"), inputs, seeds=seeds, sampling_settings=settings,
-                                  progress=progress, interrupt=interrupt)
+    try:
+        with gpu_released_on_error("sampling the AR tokens", model.device):
+            grid_ids = generate_grids(model.stage("ar"), inputs, seeds=seeds, sampling_settings=settings,
+                                      progress=progress, interrupt=interrupt,
+                                      on_steady=None if prefetch is None else lambda: model.start_prefetch(prefetch))
+    except BaseException:
+        model.finish_prefetch()  # no thread outlives a failed or interrupted run
+        raise
     seconds = _seconds_since(start, model.device)
     log.info("AR: the %dx%d token grid%s sampled in %.1f s", grid_ids.shape[1], grid_ids.shape[2],
              f" of {batch_size} images" if batch_size > 1 else "", seconds)
@@ -491,6 +525,7 @@ def _decode(model, cond, tokens, steps, guidance, seed, progress, interrupt, on_
 
     start = time.perf_counter()
     denoised = denoise(dit, latents, dit_cond, timesteps, sigmas, guidance, on_step=after_step)
+    model.decode_graphs_run.add((batch, bool(cond.references)))
     log.info("DiT: %d steps in %.1f s", steps, _seconds_since(start, device))
     dit_cond = latents = None  # the reference K/V can be GBs: free them before the VAE's large activations
     if model.takes_turns():
@@ -546,6 +581,6 @@ def generate(model: GlmImage, prompt: str, width: int, height: int, references: 
     model.check(["ar", "glyph", "dit", "vae"] + (["vision"] if len(references) else []))
     cond = encode_prompt(model, prompt, width, height, references)
     tokens = generate_tokens(model, cond, seed=ar_seed, temperature=temperature, top_p=top_p, top_k=top_k,
-                             batch_size=batch_size, progress=ar_progress, interrupt=interrupt)
+                             batch_size=batch_size, progress=ar_progress, interrupt=interrupt, prefetch_decode=True)
     return decode(model, cond, tokens, steps=steps, guidance=guidance, seed=seed, progress=dit_progress,
                   interrupt=interrupt)

@@ -15,6 +15,7 @@ before anything is read; this module only trusts the byte ranges it is given.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import threading
@@ -107,12 +108,35 @@ class TensorReader:
         return local.staging, local.stream
 
 
+_staging_holds = 0
+_staging_holds_lock = threading.Lock()
+
+
 def release_staging_memory() -> None:
     """Give the page-locked bounce buffers of finished reads back to the OS: torch's pinned-memory cache would
-    otherwise keep READ_THREADS * CHUNK_BYTES of host RAM locked for the rest of the process."""
+    otherwise keep READ_THREADS * CHUNK_BYTES of host RAM locked for the rest of the process. Nothing while a
+    `staging_kept()` block runs anywhere."""
+    with _staging_holds_lock:
+        if _staging_holds:
+            return
     empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
     if empty_host_cache is not None and torch.cuda.is_initialized():
         empty_host_cache()
+
+
+@contextlib.contextmanager
+def staging_kept():
+    """Reads inside keep their bounce buffers cached: freeing page-locked memory waits for the whole GPU (the
+    driver synchronises the device), which a read beside a running stage must not do. The caller releases them
+    (`release_staging_memory`) once nothing else runs."""
+    global _staging_holds
+    with _staging_holds_lock:
+        _staging_holds += 1
+    try:
+        yield
+    finally:
+        with _staging_holds_lock:
+            _staging_holds -= 1
 
 
 def _read_exactly(f, buffer, path: Path, key: str) -> None:

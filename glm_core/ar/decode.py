@@ -339,8 +339,10 @@ def _capture_stream(device_index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device_index)
 
 
-def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], use_cuda_graph: bool) -> None:
-    """Run `steps` decode steps; on_tokens(done) every PROGRESS_EVERY tokens (done = tokens so far)."""
+def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], use_cuda_graph: bool,
+               on_steady: Callable[[], None] | None = None) -> None:
+    """Run `steps` decode steps; on_tokens(done) every PROGRESS_EVERY tokens (done = tokens so far);
+    on_steady() once, before the first step that runs as it will run to the end (after the graph capture)."""
     done = 0
     run = loop.step
     if use_cuda_graph and steps > 0:
@@ -365,6 +367,8 @@ def _run_steps(loop: DecodeLoop, steps: int, on_tokens: Callable[[int], None], u
                 warnings.warn(f"AR decode: CUDA graph capture failed ({exc}); decoding eagerly", RuntimeWarning)
                 torch.cuda.synchronize()
         torch.cuda.current_stream().wait_stream(side)
+    if on_steady is not None:
+        on_steady()
     while done < steps:
         loop.draw_noise()
         run()
@@ -384,12 +388,15 @@ def generate_sequences(
     progress: Callable[[int, int], None] | None = None,
     interrupt: Callable[[], None] | None = None,
     use_cuda_graph: bool | None = None,
+    on_steady: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """All generated tokens (B, N) long on the CPU: preview grid (t2i), large grid, EOS slot.
 
     seeds: one per batch item. With one prompt and several seeds the prompt is repeated; otherwise
     len(seeds) must equal the number of prompts. Item i's tokens come from seeds[i] alone.
     sampling_settings None = greedy. mask_grid: only codebook ids inside the grids, EOS after them.
+    on_steady: called once when the decode loop is set up (compiled, its CUDA graph captured) and only replays
+    steps from then on: what may run beside it on other threads starts there (`glm_core.prefetch`).
     """
     seeds = [int(s) for s in seeds]
     prompts = inputs.input_ids.shape[0]
@@ -424,7 +431,7 @@ def generate_sequences(
             reported[0] = done
 
         on_tokens(1)
-        _run_steps(loop, total - 1, on_tokens, use_cuda_graph)
+        _run_steps(loop, total - 1, on_tokens, use_cuda_graph, on_steady)
         tokens = loop.tokens.cpu()  # the one host sync
         if progress and reported[0] != total:
             progress(total, total)
@@ -442,8 +449,9 @@ def split_sequences(tokens: torch.Tensor, target_grid: Grid, preview_grid: Grid 
 
 def generate_grids(model: GlmImageAR, inputs: ARInputs, *, seeds: Sequence[int], sampling_settings: Sampling,
                    progress: Callable[[int, int], None] | None = None,
-                   interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+                   interrupt: Callable[[], None] | None = None,
+                   on_steady: Callable[[], None] | None = None) -> torch.Tensor:
     """The large token grid (B, gh, gw) long, codebook ids, of each batch item (seed i -> item i)."""
     tokens = generate_sequences(model, inputs, seeds=seeds, sampling_settings=sampling_settings, mask_grid=True,
-                                progress=progress, interrupt=interrupt)
+                                progress=progress, interrupt=interrupt, on_steady=on_steady)
     return split_sequences(tokens, tuple(inputs.target_grid), inputs.preview_grid)
