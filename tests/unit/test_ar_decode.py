@@ -193,3 +193,38 @@ def test_decode_layer_launches_from_cpp_under_cudamallocasync(monkeypatch, ar_mo
     monkeypatch.setattr(ours, "compile_backend", "inductor")
     assert decode.decode_layer_runner(ours) is not None
     assert [key[1:] for key in compiling._WRAPPERS] == [("inductor", cpp_wrapper)]
+
+
+def test_the_decode_loop_stays_a_bounded_number_of_steps_ahead_of_the_gpu():
+    """Before queueing step k the host waits for the event of step k - MAX_STEPS_AHEAD, never for a later one (the
+    GPU keeps that many steps queued) and never not at all (the driver's queue would fill, and every other thread's
+    CUDA calls would wait in it). Fake events stand in for CUDA's: the bookkeeping is the same."""
+    from glm_core.ar.decode import StepsInFlight
+
+    log = []
+
+    class Event:
+        def __init__(self, index):
+            self.index = index
+
+        def record(self):
+            log.append(("record", self.index))
+
+        def synchronize(self):
+            log.append(("wait", self.index))
+
+    ahead = StepsInFlight.MAX_STEPS_AHEAD
+    in_flight = StepsInFlight(torch.device("cpu"))
+    assert in_flight.events == []
+    in_flight.events = [Event(i) for i in range(ahead)]
+    recorded_at = {}  # step -> which event it recorded
+    for step in range(3 * ahead):
+        before = len(log)
+        in_flight.wait_for_room()
+        waits = [index for kind, index in log[before:] if kind == "wait"]
+        if step < ahead:
+            assert waits == [], (step, waits)
+        else:
+            assert waits == [recorded_at[step - ahead]], (step, waits)
+        in_flight.queued()
+        recorded_at[step] = log[-1][1]
