@@ -176,16 +176,19 @@ class GlmImage:
                 log.info("moved %s weights back to the GPU from their host copy in %.1f s", STAGE_TITLES[name],
                          _seconds_since(start, self.device))
 
-    def load_stage(self, name: str) -> None:
-        """Read a stage's weights onto the device (no room is made: `prepare` does that first)."""
-        if self.on_load is not None:
+    def load_stage(self, name: str, *, quiet: bool = False) -> None:
+        """Read a stage's weights onto the device (no room is made: `prepare` does that first). quiet: no
+        "loading" announcement and the "loaded" line at debug level (a load beside other work, which reports
+        itself once it is done); `on_load` still gets the seconds."""
+        if self.on_load is not None and not quiet:
             self.on_load(name, self.stage_nbytes(name), None)
         start = time.perf_counter()
         with gpu_released_on_error(f"loading the {name} weights", self.device):
             module = _LOADERS[name](self.checkpoint.root, self.device, self.dtype, **self._loader_options(name))
         self._modules[name] = module
         read_s = _seconds_since(start, self.device)
-        log.info("loaded %s weights (%.1f GB) in %.1f s", STAGE_TITLES[name], self.stage_nbytes(name) / GB, read_s)
+        log.log(logging.DEBUG if quiet else logging.INFO, "loaded %s weights (%.1f GB) in %.1f s", STAGE_TITLES[name],
+                self.stage_nbytes(name) / GB, read_s)
         if name in _FP8_STAGES and self.takes_turns():
             weights = self._host_copy(name)
             if weights is not None:  # None: the host has no room, the stage is re-read when it returns
@@ -204,11 +207,14 @@ class GlmImage:
         self._prefetch = prefetch
         prefetch.start()
 
-    def finish_prefetch(self) -> None:
-        """Wait for a running prefetch (a no-op on its own thread and when none runs)."""
+    def finish_prefetch(self, cancel: bool = False) -> None:
+        """Wait for a running prefetch (a no-op on its own thread and when none runs); cancel: it starts nothing
+        more (after a failed or interrupted run)."""
         prefetch = self._prefetch
         if prefetch is not None and not prefetch.is_own_thread():
             self._prefetch = None
+            if cancel:
+                prefetch.cancel()
             prefetch.join()
 
     def ensure_free(self, working_bytes: int, keep: Sequence[str]) -> None:
@@ -455,7 +461,7 @@ def generate_tokens(model: GlmImage, cond: Conditioning, *, seed: int, temperatu
                                       progress=progress, interrupt=interrupt,
                                       on_steady=None if prefetch is None else lambda: model.start_prefetch(prefetch))
     except BaseException:
-        model.finish_prefetch()  # no thread outlives a failed or interrupted run
+        model.finish_prefetch(cancel=True)  # no thread outlives a failed or interrupted run
         raise
     seconds = _seconds_since(start, model.device)
     log.info("AR: the %dx%d token grid%s sampled in %.1f s", grid_ids.shape[1], grid_ids.shape[2],

@@ -17,6 +17,7 @@ import functools
 import logging
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,7 +43,9 @@ class DecodePrefetch:
         self._thread: threading.Thread | None = None
         self.loaded: list[str] = []  # the stages this prefetch read
         self.warmed = False  # the DiT's graph ran for this conditioning's shapes
+        self.seconds = 0.0
         self.failure: str | None = None
+        self._cancelled = threading.Event()
 
     @property
     def graph_key(self) -> tuple[int, bool]:
@@ -62,15 +65,29 @@ class DecodePrefetch:
         self._thread = threading.Thread(target=self._run, name="glm-core-decode-prefetch", daemon=True)
         self._thread.start()
 
+    def cancel(self) -> None:
+        """Start nothing more: a load under way finishes, the rest is left to the decode (if one comes)."""
+        self._cancelled.set()
+
     def join(self) -> None:
-        if self._thread is None:
+        from .pipeline import STAGE_TITLES
+
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
-        self._thread.join()
-        self._thread = None
+        if thread.ident is not None:  # else an interrupt landed while it started: cancelled, it starts nothing
+            thread.join()
         release_staging_memory()  # kept while the AR ran (freeing page-locked memory waits for the whole GPU)
         if self.warmed and self.model.device.type == "cuda":
             # The warm-up's activations are cached for the side stream, where nothing else allocates: return them.
             torch.cuda.empty_cache()
+        if not self._cancelled.is_set() and (self.loaded or self.warmed):
+            done = []
+            if self.loaded:
+                done.append("read the " + ", ".join(STAGE_TITLES[name] for name in self.loaded) + " weights")
+            if self.warmed:
+                done.append("warmed the DiT's compiled graph")
+            log.info("beside the AR: %s (%.1f s)", " and ".join(done), self.seconds)
 
     def is_own_thread(self) -> bool:
         return self._thread is not None and threading.current_thread() is self._thread
@@ -101,13 +118,7 @@ class DecodePrefetch:
             stream = _side_stream(model.device.index) if model.device.type == "cuda" else None
             with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), staging_kept(), \
                     torch.no_grad():
-                for name in DECODE_STAGES:
-                    if not model.on_device(name):
-                        model.load_stage(name)
-                        self.loaded.append(name)
-                self.warmed = warm_up_dit(model, self.cond, self.batch)
-                if self.warmed:
-                    model.decode_graphs_run.add(self.graph_key)
+                self._prepare()
             if stream is not None:
                 stream.synchronize()
         except Exception as exc:  # the decode then loads and compiles as it would have without a prefetch
@@ -116,6 +127,22 @@ class DecodePrefetch:
                         self.failure)
         finally:
             sys.setswitchinterval(interval)
+
+
+    def _prepare(self) -> None:
+        model, start = self.model, time.perf_counter()
+        for name in DECODE_STAGES:
+            if self._cancelled.is_set():
+                return
+            if not model.on_device(name):
+                model.load_stage(name, quiet=True)  # reported once, by `join`
+                self.loaded.append(name)
+        if self._cancelled.is_set():
+            return
+        self.warmed = warm_up_dit(model, self.cond, self.batch)
+        if self.warmed:
+            model.decode_graphs_run.add(self.graph_key)
+        self.seconds = time.perf_counter() - start
 
 
 @functools.cache

@@ -62,10 +62,10 @@ def test_a_failed_prefetch_loses_nothing(tiny_checkpoint, monkeypatch, caplog):
     started = _watch_prefetches(model, monkeypatch, [])
     load = model.load_stage
 
-    def failing_on_the_side_thread(name):
+    def failing_on_the_side_thread(name, **options):
         if name == "dit" and threading.current_thread() is not threading.main_thread():
             raise OSError("disk went away")
-        load(name)
+        load(name, **options)
 
     monkeypatch.setattr(model, "load_stage", failing_on_the_side_thread)
     reference = make_picture(512, 512, seed=5)
@@ -128,3 +128,23 @@ def test_a_second_image_starts_no_prefetch_thread(tiny_checkpoint):
     prefetch = DecodePrefetch(model, pipeline.encode_prompt(model, PROMPT, *SIZE), batch=1)
     prefetch.start()
     assert prefetch._thread is None and not prefetch.warmed
+
+
+def test_an_interrupted_ar_leaves_no_side_thread_behind(tiny_checkpoint):
+    """The interrupt propagates as it would without the prefetch; by then the side thread has ended (cancelled: it
+    starts no further load) and the model can run the same request again."""
+    model = _new_model(tiny_checkpoint)
+    cond = pipeline.encode_prompt(model, PROMPT, *SIZE)
+    calls = []
+
+    def interrupt():
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.generate_tokens(model, cond, seed=3, interrupt=interrupt, prefetch_decode=True)
+    assert not [t for t in threading.enumerate() if t.name == "glm-core-decode-prefetch"]
+    assert model._prefetch is None
+    again = pipeline.generate_tokens(model, cond, seed=3, prefetch_decode=True)
+    assert torch.equal(again.grid_ids, pipeline.generate_tokens(_new_model(tiny_checkpoint), cond, seed=3).grid_ids)
