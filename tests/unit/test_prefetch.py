@@ -148,3 +148,34 @@ def test_an_interrupted_ar_leaves_no_side_thread_behind(tiny_checkpoint):
     assert model._prefetch is None
     again = pipeline.generate_tokens(model, cond, seed=3, prefetch_decode=True)
     assert torch.equal(again.grid_ids, pipeline.generate_tokens(_new_model(tiny_checkpoint), cond, seed=3).grid_ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the prefetch's stream, its memory check and inductor's compile are CUDA's")
+def test_on_the_gpu_the_decode_after_a_prefetch_compiles_nothing(tiny_checkpoint, monkeypatch):
+    """generate() on the GPU: the side thread reads the decode stages and warms the DiT's inductor graph while the
+    AR decodes, the decode then compiles no frame, and the image is the one a run without the prefetch makes."""
+    from bench.recompiles import CompileCounter
+
+    torch._dynamo.reset()
+    model = pipeline.GlmImage.from_folder(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
+    started = _watch_prefetches(model, monkeypatch, [])
+    decode = pipeline.decode
+    counted = []
+
+    def counted_decode(*args, **kwargs):
+        with CompileCounter() as counter:
+            images = decode(*args, **kwargs)
+        counted.append(counter)
+        return images
+
+    monkeypatch.setattr(pipeline, "decode", counted_decode)
+    images = pipeline.generate(model, PROMPT, *SIZE, ar_seed=3, seed=4, steps=2)
+    prefetch = started[0][0]
+    assert prefetch.failure is None and prefetch.loaded == list(DECODE_STAGES) and prefetch.warmed
+    assert counted[0].compiled_frames == 0, counted[0].reasons
+    monkeypatch.setattr(pipeline, "decode", decode)
+    cond = pipeline.encode_prompt(model, PROMPT, *SIZE)
+    again = pipeline.decode(model, cond, pipeline.generate_tokens(model, cond, seed=3), steps=2, seed=4)
+    assert torch.equal(images, again)
+    torch._dynamo.reset()
