@@ -1,9 +1,10 @@
 """glm_core timed through its public API on a checkpoint folder, as every caller runs it.
 
 A whole image is `encode_prompt` -> `generate_tokens` -> `decode` (what `glm_core.pipeline.generate` calls, the
-decode's stages prepared while the AR decodes, as it does), each part timed between synchronisations; the AR figure is that `generate_tokens` call, the decode figure that `decode`
-call (glyph encoder, the 50 DiT steps, VAE). The DiT's per-step figure times `glm_core.dit.sampling.denoise`, the
-loop `decode` runs, for a few steps of the real schedule and divides.
+decode's stages prepared while the AR decodes, as it does), each part timed between synchronisations; the AR figure
+is that `generate_tokens` call, the decode figure that `decode` call (glyph encoder, the 50 DiT steps, VAE). The
+DiT's per-step figure times `glm_core.dit.sampling.denoise`, the loop `decode` runs, for a few steps of the real
+schedule and divides.
 
 The session's first image is the process's first call (stage loads, torch.compile); every later one is warm.
 """
