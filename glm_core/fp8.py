@@ -27,13 +27,21 @@ Why dynamic per-token activation scales (FP8 matmul path)
     max|x_row| / 448, needs no calibration data, isolates an outlier token from the others, and is again a
     factor outside the sum over k. It is one reduction over x that torch.compile fuses with the cast.
 
-Two ways to run the matmul (chosen from the input's device; `fp8_matmul_supported`)
+Three ways to run the matmul (chosen from the input's device and rows; `Fp8Linear.forward`)
+    - One row (a batch-1 decode step), bf16 x, CUDA compute capability >= 8.9 with triton: a Triton GEMV that
+      reads each e4m3 byte once and widens it in registers, scale and bias in its epilogue (glm_core/fp8_gemv.py).
+      A decode step's time is the weight bytes read, which this halves against bf16; the `_scaled_mm` path
+      below reads e4m3 weights no faster than cuBLAS reads bf16 at one row. Weight-only: x is not quantised.
+      Where it does not run (an RTX 3090), the FP8 decode layer is compiled with tuned reductions, so inductor
+      turns the weight-only path's one-row matmul into one reduction with the e4m3 cast fused in instead of
+      writing a widened copy of the weight (on the H200: 114-127 us per decode layer against 746 us eagerly).
     - FP8 matrix units (CUDA compute capability >= 8.9, torch with row-wise `torch._scaled_mm`, not ROCm):
       x is quantised to e4m3 per row and multiplied with `torch._scaled_mm` (`scaled_mm_linear`).
     - Elsewhere (CPU, an RTX 3090 = sm_86, ROCm, an older torch): the e4m3 weight is cast to the compute dtype
-      for the matmul and the per-channel scale multiplies the output (`dequant_linear`). This saves memory,
-      not time: the cast writes a compute-dtype copy of the weight that the matmul reads back, so a
-      memory-bound decode step gets slower than in bf16 (bench/fp8_kernels.py measures by how much).
+      for the matmul and the per-channel scale multiplies the output (`dequant_linear`). Eagerly this saves
+      memory, not time: the cast writes a compute-dtype copy of the weight that the matmul reads back, so a
+      memory-bound decode step gets slower than in bf16 (bench/fp8_kernels.py measures by how much; compiled
+      one-row steps avoid the copy, above).
 
 Which layers (the caller's choice; this module only provides the contract)
     The project quantises the AR decoder's linear layers and the DiT transformer blocks' linear layers.
@@ -56,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8_gemv import fp8_gemv, fp8_gemv_available
 from .limits import WEIGHT_FORMATS
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -131,6 +140,17 @@ def fp8_matmul_supported(device: torch.device | str) -> bool:
 _PATH_BY_DEVICE: dict[str, bool] = {}
 
 
+_GEMV_BY_DEVICE: dict[str, bool] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _uses_fp8_gemv(device: str) -> bool:
+    # Same reasoning as _uses_scaled_mm below: a per-device constant for torch.compile, not a branch in the graph.
+    if device not in _GEMV_BY_DEVICE:
+        _GEMV_BY_DEVICE[device] = fp8_gemv_available(device)
+    return _GEMV_BY_DEVICE[device]
+
+
 @torch._dynamo.assume_constant_result
 def _uses_scaled_mm(device: str) -> bool:
     # Memoised per device, and run once at trace time by torch.compile (its result becomes a constant):
@@ -199,6 +219,17 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 # The layer
 
 
+def _one_static_row(x: torch.Tensor) -> bool:
+    # Under torch.compile size-1 dims are plain ints (dynamo specialises them), so batch-1 decode steps trace as one
+    # row while symbolic (dynamic) sizes take the matmul paths, without adding a guard.
+    rows = 1
+    for size in x.shape[:-1]:
+        if not isinstance(size, int):
+            return False
+        rows *= size
+    return rows == 1
+
+
 class Fp8Linear(nn.Module):
     """Drop-in for nn.Linear with an e4m3 weight and per-output-channel fp32 scales.
 
@@ -242,6 +273,9 @@ class Fp8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Fp8Linear({self.in_features} -> {self.out_features}) got an input whose last "
                              f"dimension is {x.shape[-1]} (shape {tuple(x.shape)})")
+        # a batch-1 decode step: a GEMV, bound by reading the weight
+        if x.dtype == torch.bfloat16 and _one_static_row(x) and _uses_fp8_gemv(str(x.device)):
+            return fp8_gemv(x, self.weight, self.weight_scale, self.bias)
         if _uses_scaled_mm(str(x.device)):
             return scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, use_fast_accum=self.use_fast_accum)
         return dequant_linear(x, self.weight, self.weight_scale, self.bias)
@@ -294,6 +328,10 @@ def fp8_structure_(module: nn.Module, names: Iterable[str], *, use_fast_accum: b
             raise ValueError(f"fp8_structure_: {name!r} is a {type(linear).__name__}, not an nn.Linear")
         setattr(parent, leaf, Fp8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                         device="meta", dtype=linear.weight.dtype, use_fast_accum=use_fast_accum))
+
+
+def has_fp8_linears(module: nn.Module) -> bool:
+    return any(isinstance(child, Fp8Linear) for child in module.modules())
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""glm_core/fp8_gemv.py: the one-row FP8 GEMV against a float64 reference of the dequantised weight.
+
+On the CPU the kernel runs in Triton's interpreter. TRITON_INTERPRET=1 must be set before triton defines a kernel,
+so it runs in a child process that sets it; the parent checks what the child reports. On a GPU (skipped without
+CUDA, each skip saying so): the real kernel at the AR decoder's shapes, inside torch.compile with the C++ wrapper
+and a CUDA graph, and Fp8Linear taking it for one row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glm_core import fp8
+from glm_core.compiling import CPP_WRAPPER_OPTIONS
+from glm_core.fp8_gemv import fp8_gemv_available
+from tests.paths import REPO_ROOT
+
+# (N, K, bias): N off the interpreter's 4-channel blocks (a partial last block), K off its 32-column steps (a
+# partial last step) and spanning several steps.
+SHAPES = [(40, 70, True), (33, 100, False), (16, 32, True), (50, 129, False)]
+
+CHILD = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from glm_core import fp8
+from glm_core.fp8_gemv import fp8_gemv
+
+torch.manual_seed(0)
+results = []
+for out_features, in_features, has_bias in json.loads(sys.argv[1]):
+    weight, scale = fp8.quantize_weight(torch.randn(out_features, in_features) * 0.02)
+    x = torch.randn(1, 1, in_features).to(torch.bfloat16)
+    bias = (torch.randn(out_features) * 0.02).to(torch.bfloat16) if has_bias else None
+    y = fp8_gemv(x, weight, scale, bias)
+    dequantized = fp8.dequantize_weight(weight, scale).double()  # (N, K)
+    reference = x[0].double() @ dequantized.T + (bias.double() if has_bias else 0.0)  # (1, N)
+    magnitude = x[0].double().abs() @ dequantized.abs().T  # sum_k |x w|: what fp32 summation errors scale with
+    results.append({"shape": [out_features, in_features, has_bias], "dtype": str(y.dtype),
+                    "out_shape": list(y.shape), "error": (y[0].double() - reference).abs().tolist(),
+                    "reference": reference.abs().tolist(), "magnitude": magnitude.tolist()})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def within_rounding(error, reference, magnitude) -> torch.Tensor:
+    # The kernel's roundings: fp32 products and sums (< K * 2^-24 of sum_k |x w| in all, here < 2^-10) and the final
+    # bf16 store (2^-9 of the value when rounding to nearest; Triton's interpreter truncates: < 2^-7). A wrong scale,
+    # bias, mask or K step is off by far more.
+    return error <= 2**-7 * reference + 2**-10 * magnitude
+
+
+@pytest.fixture(scope="module")
+def interpreted_results():
+    pytest.importorskip("triton", reason="the FP8 GEMV kernel tests need the triton package (its CPU interpreter)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(SHAPES)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS "):])
+
+
+def test_gemv_matches_a_float64_reference_of_the_dequantized_weight(interpreted_results):
+    assert [r["shape"] for r in interpreted_results] == [list(s) for s in SHAPES]
+    for result in interpreted_results:
+        out_features = result["shape"][0]
+        assert result["dtype"] == "torch.bfloat16" and result["out_shape"] == [1, 1, out_features], result["shape"]
+        ok = within_rounding(torch.tensor(result["error"]), torch.tensor(result["reference"]),
+                             torch.tensor(result["magnitude"]))
+        assert bool(ok.all()), result["shape"]
+
+
+def test_gemv_is_unavailable_on_the_cpu_and_fp8_linear_keeps_its_cpu_paths():
+    assert fp8_gemv_available("cpu") is False
+    torch.manual_seed(0)
+    layer = fp8.Fp8Linear.from_linear(torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16))
+    for rows in (1, 4):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        assert torch.equal(layer(x), fp8.dequant_linear(x, layer.weight, layer.weight_scale, layer.bias)), rows
+
+
+def test_gemv_rejects_inputs_that_do_not_fit():
+    pytest.importorskip("triton", reason="the op is registered only where triton imports")
+    from glm_core.fp8_gemv import check_inputs
+
+    weight, scale = fp8.quantize_weight(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="one row of 16"):
+        check_inputs(torch.zeros(2, 16, dtype=torch.bfloat16), weight, scale, None)
+    with pytest.raises(ValueError, match="x bf16"):
+        check_inputs(torch.zeros(16), weight, scale, None)
+    with pytest.raises(ValueError, match="bias"):
+        check_inputs(torch.zeros(16, dtype=torch.bfloat16), weight, scale, torch.zeros(9, dtype=torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# On the GPU
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fp8_gemv_available("cuda")),
+                         reason="needs a CUDA GPU of compute capability >= 8.9 with triton (the FP8 GEMV kernel)")
+
+AR_SHAPES = [(4608, 4096, True), (4096, 4096, False), (27392, 4096, False), (4096, 13696, False)]
+
+
+@gpu
+@pytest.mark.parametrize("out_features,in_features,has_bias", AR_SHAPES)
+def test_on_the_gpu_gemv_matches_float64_and_is_deterministic(out_features, in_features, has_bias):
+    from glm_core.fp8_gemv import fp8_gemv
+
+    torch.manual_seed(0)
+    weight, scale = fp8.quantize_weight(torch.randn(out_features, in_features, device="cuda") * 0.02)
+    bias = (torch.randn(out_features, device="cuda") * 0.02).to(torch.bfloat16) if has_bias else None
+    x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
+    y = fp8_gemv(x, weight, scale, bias)
+    dequantized = fp8.dequantize_weight(weight, scale).double()
+    reference = x.double() @ dequantized.T + (bias.double() if has_bias else 0.0)
+    magnitude = x.double().abs() @ dequantized.abs().T
+    assert y.shape == (1, out_features) and y.dtype == torch.bfloat16
+    assert bool(within_rounding((y.double() - reference).abs(), reference.abs(), magnitude).all())
+    assert all(torch.equal(fp8_gemv(x, weight, scale, bias), y) for _ in range(3))
+
+
+@gpu
+def test_on_the_gpu_fp8_linear_takes_the_gemv_in_a_compiled_cuda_graph_with_the_cpp_wrapper():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4096, 4608, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    layer = fp8.Fp8Linear.from_linear(linear)  # inference: the op has no backward, its inputs need no grad
+    calls = []
+    original = fp8.fp8_gemv
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    fp8.fp8_gemv = counted
+    try:
+        step = torch.compile(lambda x: layer(torch.nn.functional.silu(x)) * 2, dynamic=True,
+                             options=dict(CPP_WRAPPER_OPTIONS))
+        x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+        expected = layer(torch.nn.functional.silu(x)) * 2  # eager: the GEMV as well
+        assert calls, "Fp8Linear did not take the GEMV for one bf16 row"
+        calls.clear()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(x)
+        torch.cuda.current_stream().wait_stream(side)
+        assert calls, "the compiled step did not trace the GEMV"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, layer(torch.nn.functional.silu(x)) * 2)
+        assert not torch.equal(captured, expected)  # the replay computed from the new x
+    finally:
+        fp8.fp8_gemv = original
