@@ -134,7 +134,7 @@ CPP_WRAPPER_OPTIONS = {"cpp_wrapper": True, "triton.autotune_at_compile_time": F
 
 
 def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND, *,
-             cpp_wrapper: bool = False) -> CompiledOrEager:
+             cpp_wrapper: bool = False, tune_reductions: bool = False) -> CompiledOrEager:
     """The one shared CompiledOrEager for (fn, backend, cpp_wrapper); created on first use.
 
     dynamic=True: token counts, cache lengths and batch sizes (other than 1, which dynamo always
@@ -142,11 +142,16 @@ def compiled(fn: Callable, name: str, backend: str = DEFAULT_BACKEND, *,
     dims that the fused kernels loop over are fixed by the weights anyway.
     cpp_wrapper: inductor launches the kernels from generated C++ instead of Python (inductor only), with
     CPP_WRAPPER_OPTIONS.
+    tune_reductions: inductor's coordinate-descent tuning (inductor only; kept in its autotune cache). With it,
+    inductor also writes a one-row matmul as a reduction, which fuses the widening of FP8 weights into the GEMV
+    where the FP8 GEMV kernel does not run (`fp8.Fp8Linear`); the FP8 decode layer compiles with it.
     """
-    key = (fn, backend, cpp_wrapper)
+    key = (fn, backend, cpp_wrapper, tune_reductions)
     wrapper = _WRAPPERS.get(key)
     if wrapper is None:
         options = dict(CPP_WRAPPER_OPTIONS) if cpp_wrapper and backend == "inductor" else None
+        if tune_reductions and backend == "inductor":
+            options = {**(options or {}), "coordinate_descent_tuning": True}
         wrapper = _WRAPPERS[key] = CompiledOrEager(fn, name, backend=backend, dynamic=True, options=options)
     return wrapper
 

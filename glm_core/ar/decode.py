@@ -25,6 +25,7 @@ from torch import nn
 
 from . import sampling
 from ..compiling import compiled
+from ..fp8 import has_fp8_linears
 from ..processor import ARInputs
 from .config import Sampling
 from .model import GlmImageAR, TextDecoderLayer
@@ -287,7 +288,7 @@ def decode_layer_runner(model: GlmImageAR):
     if model.compile_backend is None:
         return None
     layer_call = compiled(_decode_layer, "AR decode layer", model.compile_backend,
-                          cpp_wrapper=under_cuda_malloc_async())
+                          cpp_wrapper=under_cuda_malloc_async(), tune_reductions=has_fp8_linears(model))
 
     def run_layer(layer, hidden, cos, sin, attn_mask, layer_cache, cache_index):
         return layer_call(layer, hidden, cos, sin, attn_mask, layer_cache.k, layer_cache.v, cache_index)

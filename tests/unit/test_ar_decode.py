@@ -192,7 +192,26 @@ def test_decode_layer_launches_from_cpp_under_cudamallocasync(monkeypatch, ar_mo
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: backend)
     monkeypatch.setattr(ours, "compile_backend", "inductor")
     assert decode.decode_layer_runner(ours) is not None
-    assert [key[1:] for key in compiling._WRAPPERS] == [("inductor", cpp_wrapper)]
+    assert [key[1:] for key in compiling._WRAPPERS] == [("inductor", cpp_wrapper, False)]
+
+
+def test_an_fp8_decode_layer_compiles_with_tuned_reductions(monkeypatch, ar_models):
+    """FP8 decode layers (whose one-row linears inductor may turn into reductions) are compiled with inductor's
+    coordinate-descent tuning; bf16 ones without it."""
+    from glm_core import compiling
+    from glm_core.ar import decode
+    from glm_core.fp8 import Fp8Linear
+
+    ours = ar_models.ours
+    monkeypatch.setattr(compiling, "_WRAPPERS", {})
+    monkeypatch.setattr(ours, "compile_backend", "inductor")
+    decode.decode_layer_runner(ours)
+    layer = ours.model.language_model.layers[0].mlp
+    monkeypatch.setattr(layer, "down_proj", Fp8Linear.from_linear(layer.down_proj))
+    decode.decode_layer_runner(ours)
+    wrappers = compiling._WRAPPERS
+    assert [key[3] for key in wrappers] == [False, True]
+    assert wrappers[list(wrappers)[1]].compiled is not wrappers[list(wrappers)[0]].compiled
 
 
 def test_the_decode_loop_stays_a_bounded_number_of_steps_ahead_of_the_gpu():
