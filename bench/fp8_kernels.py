@@ -48,7 +48,7 @@ BF16 = torch.bfloat16
 STEM = "fp8_kernels"
 
 # Share of the time budget each phase may use at most.
-PHASE_SHARE = {"ceilings": 0.06, "probe": 0.03, "ar.gemv": 0.15, "ar.layer": 0.36, "dit.gemm": 0.22,
+PHASE_SHARE = {"ceilings": 0.06, "probe": 0.03, "ar.gemv": 0.15, "gemv.sweep": 0.5, "ar.layer": 0.6, "dit.gemm": 0.22,
                "dit.compiled": 0.18}
 
 
@@ -282,11 +282,85 @@ def phase_ar_gemv(b: Bench, clock: Deadline) -> None:
         harness.free_memory()
 
 
+def gemv_sweep_configs(tiny: bool) -> list[dict]:
+    """Block shapes of glm_core/fp8_gemv.py's kernel to time one by one (at most 64 accumulators per thread)."""
+    if tiny:
+        return [{"BLOCK_N": n, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1} for n in (2, 4)]
+    return [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
+            for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8) for st in (1, 2, 3)
+            if n * k <= 64 * 32 * w]
+
+
+def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
+    """The FP8 GEMV kernel at each AR linear shape (M = 1) for every block shape of `gemv_sweep_configs`, inside
+    a CUDA graph over rotated weight copies; the bf16 F.linear and the autotuned op beside them."""
+    from glm_core import fp8_gemv
+
+    if not (b.on_cuda and fp8_gemv.fp8_gemv_available(b.device)):
+        b.report.note("gemv.sweep: the FP8 GEMV kernel does not run here (fp8_gemv_available is False)")
+        return
+    copy_gbps = (b.report.get("ceilings") or {}).get("copy_gbps")
+    for name, k, n, bias in b.shapes.ar_linears():
+        probe = Weights.random(k, n, bias, b.device)
+        copies = b.weight_copies(probe.bytes("fp8"))
+        weights = [probe] + [Weights.random(k, n, bias, b.device) for _ in range(copies - 1)]
+        inputs = [torch.randn(k, device=b.device, dtype=BF16) for _ in weights]
+        outputs = [torch.empty(n, device=b.device, dtype=BF16) for _ in weights]
+        timings = []
+
+        def time_of(step) -> float:
+            return graph_seconds(step, lambda: fresh_(inputs), b, clock) / len(weights)
+
+        for config in [None] + gemv_sweep_configs(b.args.tiny):  # None: the op, autotuned over its CONFIGS
+            clock.check(f"gemv sweep {name} {config}")
+
+            def step(config=config):
+                for x, w, y in zip(inputs, weights, outputs):
+                    fp8_gemv.launch(x, w.fp8, w.scale, w.bias, y, config)
+
+            try:
+                seconds = time_of(step)
+            except Exception as exc:  # noqa: BLE001 — a config that does not compile is a result, not an end
+                timings.append({"config": config, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            error = relative_error(outputs[0], weights[0].reference_fp32(inputs[0][None], "fp8")[0])
+            timings.append({"config": config or "autotuned", "us": round(seconds * 1e6, 2), "err_vs_fp32": error,
+                            "fraction_of_copy_bw": round(probe.bytes("fp8") / seconds / 1e9 / copy_gbps, 3)
+                            if copy_gbps else None})
+        bf16_us = time_of(lambda: [F.linear(x, w.bf16, w.bias) for x, w in zip(inputs, weights)]) * 1e6
+        ranked = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
+        b.report.set(f"results.gemv_sweep.{name}", {"n": n, "k": k, "bf16_linear_us": round(bf16_us, 2),
+                                                    "best": ranked[:6], "all": timings})
+        best = ranked[0] if ranked else {}
+        log(f"  gemv sweep {name} {n}x{k}: best {best.get('us')} us {best.get('config')} "
+            f"({best.get('fraction_of_copy_bw')} of copy bw); bf16 F.linear {bf16_us:.1f} us; "
+            f"autotuned {next((t.get('us') for t in timings if t['config'] == 'autotuned'), None)} us", clock)
+    harness.free_memory()
+
+
 class _DequantLinear(fp8.Fp8Linear):
     """Fp8Linear forced onto the weight-only path (what a GPU without FP8 matrix units runs)."""
 
     def forward(self, x):
         return fp8.dequant_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class _ScaledMmLinear(fp8.Fp8Linear):
+    """Fp8Linear forced onto `torch._scaled_mm` also for one row under torch.compile (its path before the
+    one-row reduction)."""
+
+    def forward(self, x):
+        return fp8.scaled_mm_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+class _OneRowBf16Linear(nn.Linear):
+    """bf16 nn.Linear written as a one-row reduction under torch.compile (is inductor's GEMV better than cuBLAS's?)."""
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.shape[0] == 1:
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+        return super().forward(x)
 
 
 class DecodeLayer(nn.Module):
@@ -303,13 +377,14 @@ class DecodeLayer(nn.Module):
     @staticmethod
     def _linear(w: Weights, variant: str) -> nn.Module:
         out_features, in_features = w.bf16.shape
-        if variant == "bf16":
-            layer = nn.Linear(in_features, out_features, bias=w.bias is not None, device="meta")
+        if variant.startswith("bf16"):
+            kind = _OneRowBf16Linear if variant == "bf16_one_row" else nn.Linear
+            layer = kind(in_features, out_features, bias=w.bias is not None, device="meta")
             layer.weight = nn.Parameter(w.bf16, requires_grad=False)
             if w.bias is not None:
                 layer.bias = nn.Parameter(w.bias, requires_grad=False)
             return layer
-        kind = _DequantLinear if variant == "dequant" else fp8.Fp8Linear
+        kind = {"dequant": _DequantLinear, "fp8_scaled_mm": _ScaledMmLinear}.get(variant, fp8.Fp8Linear)
         layer = kind(in_features, out_features, bias=w.bias is not None, device="meta", dtype=BF16,
                      use_fast_accum=variant == "fp8_fast_accum")
         layer.load_state_dict({"weight": w.fp8, "weight_scale": w.scale,
@@ -327,22 +402,33 @@ class DecodeLayer(nn.Module):
 
 
 def phase_ar_layer(b: Bench, clock: Deadline) -> None:
-    """One decode layer's worth (q/k/v, o, gate_up, down) in a CUDA graph: eager ops first, then torch.compile'd
-    (a failed capture of compiled code must not cost the eager figures; compiled fp8 at M = 1 comes first)."""
+    """One decode layer's worth (q/k/v, o, gate_up, down) in a CUDA graph: on the GPU the compiled one-row
+    variants first (the decode step's question), then eager ops, then compiled at more rows."""
     copy_gbps = (b.report.get("ceilings") or {}).get("copy_gbps")
     copies = b.weight_copies(sum(n * k + 4 * n for _, k, n, _ in b.shapes.ar_linears()))
     fp8_variants = ["fp8", "fp8_fast_accum"] if b.fp8_matmul else []
     jobs = [("graph_eager" if b.on_cuda else "eager", variant, rows) for rows in b.shapes.ar_rows
             for variant in ["bf16"] + fp8_variants + ["dequant"]]
-    if b.on_cuda:  # fast accumulation is the same compiled code around the GEMM: measured eagerly only
-        jobs += [("graph_compiled", variant, rows) for rows in b.shapes.ar_rows
-                 for variant in fp8_variants[:1] + ["bf16", "dequant"]]
+    if b.on_cuda:
+        # Compiled, one row first (a decode step): Fp8Linear's one-row reduction with and without inductor's
+        # coordinate-descent tuning (`graph_compiled_tuned`, what the FP8 decode layer compiles with), against
+        # `_scaled_mm`, bf16 through cuBLAS and bf16 as the same reduction. Fast accumulation is the same
+        # compiled code around the GEMM: measured eagerly only.
+        one_row = [("graph_compiled_tuned", "fp8"), ("graph_compiled", "fp8"), ("graph_compiled", "bf16"),
+                   ("graph_compiled_tuned", "bf16"), ("graph_compiled_tuned", "bf16_one_row")]
+        if b.fp8_matmul:
+            one_row.append(("graph_compiled", "fp8_scaled_mm"))
+        one_row.append(("graph_compiled_tuned", "dequant"))
+        jobs = [(mode, variant, 1) for mode, variant in one_row] + jobs
+        jobs += [("graph_compiled", variant, rows) for rows in b.shapes.ar_rows if rows != 1
+                 for variant in fp8_variants[:1] + ["bf16"]]
     for mode, variant, rows in jobs:
         clock.check(f"layer {variant} {mode} M={rows}")
         layers = [DecodeLayer(b.shapes, variant, b.device) for _ in range(copies)]
         torch._dynamo.reset()
-        run_layer = (torch.compile(DecodeLayer.forward, fullgraph=True, dynamic=False) if mode == "graph_compiled"
-                     else DecodeLayer.forward)
+        options = {"coordinate_descent_tuning": True} if mode == "graph_compiled_tuned" else None
+        run_layer = (torch.compile(DecodeLayer.forward, fullgraph=True, dynamic=False, options=options)
+                     if mode.startswith("graph_compiled") else DecodeLayer.forward)
         inputs = [torch.randn(rows, b.shapes.ar_hidden, device=b.device, dtype=BF16) for _ in layers]
         outputs: list = [None] * len(layers)
 
@@ -432,6 +518,18 @@ def table_rows(data: dict) -> list[list[str]]:
             err = e.get("err_vs_fp32", e.get("err_vs_eager"))
             rows.append([group, e["what"], str(e["rows"]), e["variant"], time_text, rate,
                          f"{fraction:.0%}" if fraction else "–", fmt(err), fmt(e.get("err_vs_bf16"))])
+    for name, e in (results.get("gemv_sweep") or {}).items():
+        autotuned = next((t for t in e["all"] if t["config"] == "autotuned" and "us" in t), None)
+        for label, t in (("best block shape", (e["best"] or [None])[0]), ("autotuned op", autotuned)):
+            if t is None:
+                continue
+            c = t["config"]
+            shape = ("" if isinstance(c, str)
+                     else f" N{c['BLOCK_N']} K{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}")
+            fraction = t.get("fraction_of_copy_bw")
+            rows.append(["gemv_sweep", f"{name} {e['n']}x{e['k']} (bf16 {fmt(e['bf16_linear_us'])} us)", "1",
+                         label + shape, f"{fmt(t['us'])} us", "–", f"{fraction:.0%}" if fraction else "–",
+                         fmt(t.get("err_vs_fp32")), "–"])
     return rows
 
 
@@ -475,7 +573,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 20; --tiny 3)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    p.add_argument("--only", default="", help="comma-separated phases: probe, ar.gemv, ar.layer, dit.gemm, "
+    p.add_argument("--only", default="", help="comma-separated phases: probe, ar.gemv, gemv.sweep, ar.layer, dit.gemm, "
                                               "dit.compiled (the ceilings always run)")
     p.add_argument("--force-scaled-mm", action="store_true",
                    help="testing: run the fp8 variants even where fp8_matmul_supported is False (torch 2.13's CPU "
@@ -519,6 +617,7 @@ def main(argv=None) -> dict:
     runner.selected = selected
     run_phase("probe", lambda clock: phase_probe(b, clock))
     run_phase("ar.gemv", lambda clock: phase_ar_gemv(b, clock))
+    run_phase("gemv.sweep", lambda clock: phase_gemv_sweep(b, clock))
     run_phase("ar.layer", lambda clock: phase_ar_layer(b, clock))
     run_phase("dit.gemm", lambda clock: phase_dit_gemm(b, clock))
     if b.fp8_matmul:
