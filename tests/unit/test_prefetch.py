@@ -164,6 +164,9 @@ def test_on_the_gpu_the_decode_after_a_prefetch_compiles_nothing(tiny_checkpoint
     counted = []
 
     def counted_decode(*args, **kwargs):
+        # The decode joins the side thread first; its compile may still be finishing then (the tiny AR is done in
+        # milliseconds on a GPU), and torch counts compiled frames process-wide: join before counting.
+        model.finish_prefetch()
         with CompileCounter() as counter:
             images = decode(*args, **kwargs)
         counted.append(counter)
