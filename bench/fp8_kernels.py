@@ -15,9 +15,10 @@ Variants of one linear layer y = x W^T (+ b), W random bf16 (std 0.02), quantise
   (quantisation fused into one kernel, as inside the compiled DiT block).
 
 Phases: ceilings (bf16 8192³ matmul, device-to-device copy), probe, ar.gemv (M = 1 and 4: q/k/v fused,
-o, gate_up, down), ar.layer (those four chained as one decode layer's worth, inside a CUDA graph, eager ops and
-torch.compile'd), dit.gemm (M = 4096+64 and 16384+64 tokens), dit.compiled. Each result is written to
-fp8_kernels.json / .md as soon as it is measured.
+o, gate_up, down), gemv.sweep (glm_core/fp8_gemv.py's kernel at those shapes, M = 1, per block shape, on the e4m3
+and on the bf16 weights; with --tiny and TRITON_INTERPRET=1 in Triton's CPU interpreter), ar.layer (those four
+chained as one decode layer's worth, inside a CUDA graph, eager ops and torch.compile'd), dit.gemm (M = 4096+64
+and 16384+64 tokens), dit.compiled. Each result is written to fp8_kernels.json / .md as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -293,10 +294,12 @@ def gemv_sweep_configs(tiny: bool) -> list[dict]:
 
 def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
     """The FP8 GEMV kernel at each AR linear shape (M = 1) for every block shape of `gemv_sweep_configs`, inside
-    a CUDA graph over rotated weight copies; the bf16 F.linear and the autotuned op beside them."""
+    a CUDA graph over rotated weight copies; the bf16 F.linear, the autotuned op and the kernel on bf16 weights
+    beside them."""
     from glm_core import fp8_gemv
 
-    if not (b.on_cuda and fp8_gemv.fp8_gemv_available(b.device)):
+    interpreted = b.args.tiny and fp8_gemv.triton_importable() and os.environ.get("TRITON_INTERPRET") == "1"
+    if not (interpreted or (b.on_cuda and fp8_gemv.fp8_gemv_available(b.device))):
         b.report.note("gemv.sweep: the FP8 GEMV kernel does not run here (fp8_gemv_available is False)")
         return
     copy_gbps = (b.report.get("ceilings") or {}).get("copy_gbps")
@@ -328,13 +331,37 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
                             "fraction_of_copy_bw": round(probe.bytes("fp8") / seconds / 1e9 / copy_gbps, 3)
                             if copy_gbps else None})
         bf16_us = time_of(lambda: [F.linear(x, w.bf16, w.bias) for x, w in zip(inputs, weights)]) * 1e6
+        # The same kernel on the bf16 weights (unit scales): would a GEMV of ours beat cuBLAS's for the bf16 AR?
+        ones = torch.ones(n, device=b.device)
+        bf16_timings = []
+        for config in gemv_sweep_configs(b.args.tiny):
+            clock.check(f"gemv sweep {name} bf16 weights {config}")
+
+            def step_bf16(config=config):
+                for x, w, y in zip(inputs, weights, outputs):
+                    fp8_gemv.launch(x, w.bf16, ones, w.bias, y, config)
+
+            try:
+                seconds = time_of(step_bf16)
+            except Exception as exc:  # noqa: BLE001 — as above
+                bf16_timings.append({"config": config, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            error = relative_error(outputs[0], weights[0].reference_fp32(inputs[0][None], "bf16")[0])
+            bf16_timings.append({"config": config, "us": round(seconds * 1e6, 2), "err_vs_fp32": error,
+                                 "fraction_of_copy_bw": round(probe.bytes("bf16") / seconds / 1e9 / copy_gbps, 3)
+                                 if copy_gbps else None})
         ranked = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
+        ranked_bf16 = sorted((t for t in bf16_timings if "us" in t), key=lambda t: t["us"])
         b.report.set(f"results.gemv_sweep.{name}", {"n": n, "k": k, "bf16_linear_us": round(bf16_us, 2),
-                                                    "best": ranked[:6], "all": timings})
+                                                    "best": ranked[:6], "all": timings,
+                                                    "bf16_weights_best": ranked_bf16[:3],
+                                                    "bf16_weights_all": bf16_timings})
         best = ranked[0] if ranked else {}
+        best_bf16 = ranked_bf16[0] if ranked_bf16 else {}
         log(f"  gemv sweep {name} {n}x{k}: best {best.get('us')} us {best.get('config')} "
             f"({best.get('fraction_of_copy_bw')} of copy bw); bf16 F.linear {bf16_us:.1f} us; "
-            f"autotuned {next((t.get('us') for t in timings if t['config'] == 'autotuned'), None)} us", clock)
+            f"autotuned {next((t.get('us') for t in timings if t['config'] == 'autotuned'), None)} us; "
+            f"bf16 weights through the kernel {best_bf16.get('us')} us {best_bf16.get('config')}", clock)
     harness.free_memory()
 
 
@@ -520,7 +547,8 @@ def table_rows(data: dict) -> list[list[str]]:
                          f"{fraction:.0%}" if fraction else "–", fmt(err), fmt(e.get("err_vs_bf16"))])
     for name, e in (results.get("gemv_sweep") or {}).items():
         autotuned = next((t for t in e["all"] if t["config"] == "autotuned" and "us" in t), None)
-        for label, t in (("best block shape", (e["best"] or [None])[0]), ("autotuned op", autotuned)):
+        for label, t in (("best block shape", (e["best"] or [None])[0]), ("autotuned op", autotuned),
+                         ("bf16 weights, best block shape", (e.get("bf16_weights_best") or [None])[0])):
             if t is None:
                 continue
             c = t["config"]

@@ -2,7 +2,7 @@
 
 The plain run is what the CPU really offers (bf16 and dequant); the second run forces the fp8 variants through
 torch 2.13's CPU `torch._scaled_mm`, so the script's fp8 code (probe, GEMVs, layer, GEMM-only) cannot rot
-between GPU runs. Only the CUDA graph capture and the compiled modes are left to the GPU run.
+between GPU runs; the third runs the FP8 GEMV sweep in Triton's CPU interpreter. Only the CUDA graph capture and the compiled modes are left to the GPU run.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(out: Path, *args: str) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _run(out: Path, *args: str, env_extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, "-m", "bench.fp8_kernels", "--tiny", "--out", str(out), *args], cwd=REPO,
                           check=False, env=env, capture_output=True, text=True, timeout=600)
@@ -30,7 +30,9 @@ def _run(out: Path, *args: str) -> dict:
     assert (out / "fp8_kernels.md").read_text().startswith("# GLM-Image FP8 linear kernels")
     assert data["errors"] == [], data["errors"]
     assert all(v["status"] == "ok" for v in data["phases"].values()), data["phases"]
-    tail = proc.stdout.splitlines()[-(len(_all_entries(data)) + 3):]  # the table is printed last
+    from bench.fp8_kernels import table_rows
+
+    tail = proc.stdout.splitlines()[-(len(table_rows(data)) + 3):]  # the table is printed last
     assert any(line.startswith("group ") and "variant" in line for line in tail), tail
     return data
 
@@ -85,3 +87,18 @@ def test_tiny_run_with_the_fp8_variants_forced_through_the_cpu_scaled_mm(tmp_pat
         "bf16", "fp8", "fp8_fast_accum", "fp8_gemm_only", "dequant"}
     assert {e["variant"] for e in data["results"]["ar_layer"].values()} == {"bf16", "fp8", "fp8_fast_accum", "dequant"}
     assert any("--force-scaled-mm" in note for note in data["notes"])
+
+
+def test_tiny_gemv_sweep_in_the_triton_interpreter(tmp_path):
+    pytest.importorskip("triton", reason="the GEMV sweep needs the triton package (its CPU interpreter)")
+    data = _run(tmp_path, "--only", "gemv.sweep", env_extra={"TRITON_INTERPRET": "1"})
+    sweep = data["results"]["gemv_sweep"]
+    assert set(sweep) == {"qkv", "o", "gate_up", "down"}
+    for name, e in sweep.items():
+        timed = [t for t in e["all"] if "us" in t]
+        timed_bf16 = [t for t in e["bf16_weights_all"] if "us" in t]
+        assert len(timed) == len(e["all"]) >= 2 and len(timed_bf16) == len(e["bf16_weights_all"]) >= 1, name
+        assert any(t["config"] == "autotuned" for t in timed), name
+        # outputs rounded to bf16 (interpreter: truncated): ~2^-8 relative; a wrong block or mask is far off
+        assert all(0 < t["err_vs_fp32"] < 8e-3 for t in timed + timed_bf16), (name, timed, timed_bf16)
+        assert e["best"][0]["us"] == min(t["us"] for t in timed), name
