@@ -10,7 +10,7 @@ Why a kernel of our own
     A batch-1 decode step is memory bound: its time is the weight bytes over the HBM bandwidth, so e4m3 weights
     should halve it against bf16. Neither library path does (bench/fp8_kernels.py, H200, one decode layer's four
     linears, compiled, in a CUDA graph): `torch._scaled_mm` pads the row to 16 and quantises it, and its GEMM
-    kernels stream e4m3 at 36-37 % of the bandwidth (130-132 us against bf16's 123-131 us); inductor's own GEMV
+    kernels stream e4m3 at 36-37 % of the bandwidth (130-132 us against bf16's 123-133 us); inductor's own GEMV
     reduction over the widened weight reaches 38-42 %. This kernel: 73-74 us, 65 % (2026-11-30).
 
 How the kernel is organised
