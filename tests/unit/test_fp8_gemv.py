@@ -163,3 +163,31 @@ def test_on_the_gpu_fp8_linear_takes_the_gemv_in_a_compiled_cuda_graph_with_the_
         assert not torch.equal(captured, expected)  # the replay computed from the new x
     finally:
         fp8.fp8_gemv = original
+
+
+def test_fp8_linear_takes_the_gemv_for_one_bf16_row_only(monkeypatch):
+    """Routing, on the CPU with the GEMV pretended available (a spy stands in for the kernel): one bf16 row takes
+    it, eagerly and under torch.compile with dynamic shapes (dynamo keeps a batch of 1 static); more rows, a
+    symbolic batch and other dtypes take the matmul paths."""
+    calls = []
+
+    def spy(x, weight, weight_scale, bias=None):
+        calls.append(tuple(x.shape))
+        return fp8.dequant_linear(x, weight, weight_scale, bias)
+
+    monkeypatch.setitem(fp8._GEMV_BY_DEVICE, "cpu", True)
+    monkeypatch.setattr(fp8, "fp8_gemv", spy)
+    torch.manual_seed(0)
+    layer = fp8.Fp8Linear.from_linear(torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16).requires_grad_(False))
+    layer(torch.randn(1, 1, 64, dtype=torch.bfloat16))
+    layer(torch.randn(2, 1, 64, dtype=torch.bfloat16))
+    layer(torch.randn(1, 64, dtype=torch.float32))
+    assert calls == [(1, 1, 64)]
+    calls.clear()
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: layer(x), dynamic=True)
+    step(torch.randn(1, 1, 64, dtype=torch.bfloat16))  # traced with one static row
+    step(torch.randn(3, 1, 64, dtype=torch.bfloat16))  # a new graph with a symbolic batch
+    step(torch.randn(4, 1, 64, dtype=torch.bfloat16))  # the same symbolic graph: no trace
+    torch._dynamo.reset()
+    assert calls == [(1, 1, 64)]
