@@ -58,7 +58,7 @@ layers alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -137,31 +137,28 @@ def fp8_matmul_supported(device: torch.device | str) -> bool:
     return tuple(torch.cuda.get_device_capability(device)) >= (8, 9)
 
 
+def _constant_per_device(check: Callable[[str], bool], memo: dict[str, bool]) -> Callable[[str], bool]:
+    """check(device), memoised in `memo` and run once at trace time by torch.compile (its result becomes a
+    constant): the choice of path is no data-dependent branch and costs nothing in compiled code or CUDA graphs."""
+
+    @torch._dynamo.assume_constant_result
+    def constant(device: str) -> bool:
+        if device not in memo:
+            memo[device] = check(device)
+        return memo[device]
+
+    return constant
+
+
 _PATH_BY_DEVICE: dict[str, bool] = {}
-
-
 _GEMV_BY_DEVICE: dict[str, bool] = {}
-
-
-@torch._dynamo.assume_constant_result
-def _uses_fp8_gemv(device: str) -> bool:
-    # Same reasoning as _uses_scaled_mm below: a per-device constant for torch.compile, not a branch in the graph.
-    if device not in _GEMV_BY_DEVICE:
-        _GEMV_BY_DEVICE[device] = fp8_gemv_available(device)
-    return _GEMV_BY_DEVICE[device]
-
-
-@torch._dynamo.assume_constant_result
-def _uses_scaled_mm(device: str) -> bool:
-    # Memoised per device, and run once at trace time by torch.compile (its result becomes a constant):
-    # the choice of path is no data-dependent branch and costs nothing in compiled code or CUDA graphs.
-    if device not in _PATH_BY_DEVICE:
-        _PATH_BY_DEVICE[device] = fp8_matmul_supported(device)
-    return _PATH_BY_DEVICE[device]
+_uses_scaled_mm = _constant_per_device(fp8_matmul_supported, _PATH_BY_DEVICE)
+_uses_fp8_gemv = _constant_per_device(fp8_gemv_available, _GEMV_BY_DEVICE)
 
 
 # --------------------------------------------------------------------------------------------
-# The two matmul paths (called by Fp8Linear.forward; public so that tests and benchmarks can call each)
+# Two of the matmul paths (called by Fp8Linear.forward; public so that tests and benchmarks can call each; the
+# third, the one-row GEMV, is glm_core/fp8_gemv.py)
 
 
 def dequant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -222,12 +219,7 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 def _one_static_row(x: torch.Tensor) -> bool:
     # Under torch.compile size-1 dims are plain ints (dynamo specialises them), so batch-1 decode steps trace as one
     # row while symbolic (dynamic) sizes take the matmul paths, without adding a guard.
-    rows = 1
-    for size in x.shape[:-1]:
-        if not isinstance(size, int):
-            return False
-        rows *= size
-    return rows == 1
+    return all(isinstance(size, int) and size == 1 for size in x.shape[:-1])
 
 
 class Fp8Linear(nn.Module):

@@ -128,7 +128,6 @@ class DecodePrefetch:
         finally:
             sys.setswitchinterval(interval)
 
-
     def _prepare(self) -> None:
         model, start = self.model, time.perf_counter()
         for name in DECODE_STAGES:
