@@ -309,47 +309,39 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
         weights = [probe] + [Weights.random(k, n, bias, b.device) for _ in range(copies - 1)]
         inputs = [torch.randn(k, device=b.device, dtype=BF16) for _ in weights]
         outputs = [torch.empty(n, device=b.device, dtype=BF16) for _ in weights]
-        timings = []
+        ones = torch.ones(n, device=b.device)
 
         def time_of(step) -> float:
             return graph_seconds(step, lambda: fresh_(inputs), b, clock) / len(weights)
 
-        for config in [None] + gemv_sweep_configs(b.args.tiny):  # None: the op, autotuned over its CONFIGS
-            clock.check(f"gemv sweep {name} {config}")
+        def sweep(variant: str, configs: list) -> list[dict]:
+            """The kernel on the e4m3 weights and their scales ("fp8") or on the bf16 weights with unit scales
+            ("bf16": would a GEMV of ours beat cuBLAS's for the bf16 AR?); config None = the autotuned op."""
+            timings = []
+            for config in configs:
+                clock.check(f"gemv sweep {name} {variant} {config}")
 
-            def step(config=config):
-                for x, w, y in zip(inputs, weights, outputs):
-                    fp8_gemv.launch(x, w.fp8, w.scale, w.bias, y, config)
+                def step(config=config):
+                    for x, w, y in zip(inputs, weights, outputs):
+                        if variant == "fp8":
+                            fp8_gemv.launch(x, w.fp8, w.scale, w.bias, y, config)
+                        else:
+                            fp8_gemv.launch(x, w.bf16, ones, w.bias, y, config)
 
-            try:
-                seconds = time_of(step)
-            except Exception as exc:  # noqa: BLE001 — a config that does not compile is a result, not an end
-                timings.append({"config": config, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                continue
-            error = relative_error(outputs[0], weights[0].reference_fp32(inputs[0][None], "fp8")[0])
-            timings.append({"config": config or "autotuned", "us": round(seconds * 1e6, 2), "err_vs_fp32": error,
-                            "fraction_of_copy_bw": round(probe.bytes("fp8") / seconds / 1e9 / copy_gbps, 3)
-                            if copy_gbps else None})
+                try:
+                    seconds = time_of(step)
+                except Exception as exc:  # noqa: BLE001 — a config that does not compile is a result, not an end
+                    timings.append({"config": config, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                    continue
+                error = relative_error(outputs[0], weights[0].reference_fp32(inputs[0][None], variant)[0])
+                timings.append({"config": config or "autotuned", "us": round(seconds * 1e6, 2), "err_vs_fp32": error,
+                                "fraction_of_copy_bw": round(probe.bytes(variant) / seconds / 1e9 / copy_gbps, 3)
+                                if copy_gbps else None})
+            return timings
+
+        timings = sweep("fp8", [None] + gemv_sweep_configs(b.args.tiny))
         bf16_us = time_of(lambda: [F.linear(x, w.bf16, w.bias) for x, w in zip(inputs, weights)]) * 1e6
-        # The same kernel on the bf16 weights (unit scales): would a GEMV of ours beat cuBLAS's for the bf16 AR?
-        ones = torch.ones(n, device=b.device)
-        bf16_timings = []
-        for config in gemv_sweep_configs(b.args.tiny):
-            clock.check(f"gemv sweep {name} bf16 weights {config}")
-
-            def step_bf16(config=config):
-                for x, w, y in zip(inputs, weights, outputs):
-                    fp8_gemv.launch(x, w.bf16, ones, w.bias, y, config)
-
-            try:
-                seconds = time_of(step_bf16)
-            except Exception as exc:  # noqa: BLE001 — as above
-                bf16_timings.append({"config": config, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                continue
-            error = relative_error(outputs[0], weights[0].reference_fp32(inputs[0][None], "bf16")[0])
-            bf16_timings.append({"config": config, "us": round(seconds * 1e6, 2), "err_vs_fp32": error,
-                                 "fraction_of_copy_bw": round(probe.bytes("bf16") / seconds / 1e9 / copy_gbps, 3)
-                                 if copy_gbps else None})
+        bf16_timings = sweep("bf16", gemv_sweep_configs(b.args.tiny))
         ranked = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
         ranked_bf16 = sorted((t for t in bf16_timings if "us" in t), key=lambda t: t["us"])
         b.report.set(f"results.gemv_sweep.{name}", {"n": n, "k": k, "bf16_linear_us": round(bf16_us, 2),
