@@ -127,7 +127,7 @@ def test_on_the_gpu_gemv_matches_float64_and_is_deterministic(out_features, in_f
 
 
 @gpu
-def test_on_the_gpu_fp8_linear_takes_the_gemv_in_a_compiled_cuda_graph_with_the_cpp_wrapper():
+def test_on_the_gpu_fp8_linear_takes_the_gemv_in_a_compiled_cuda_graph_with_the_cpp_wrapper(monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(4096, 4608, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     layer = fp8.Fp8Linear.from_linear(linear)  # inference: the op has no backward, its inputs need no grad
@@ -138,31 +138,28 @@ def test_on_the_gpu_fp8_linear_takes_the_gemv_in_a_compiled_cuda_graph_with_the_
         calls.append(1)
         return original(*args, **kwargs)
 
-    fp8.fp8_gemv = counted
-    try:
-        step = torch.compile(lambda x: layer(torch.nn.functional.silu(x)) * 2, dynamic=True,
-                             options=dict(CPP_WRAPPER_OPTIONS))
-        x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
-        expected = layer(torch.nn.functional.silu(x)) * 2  # eager: the GEMV as well
-        assert calls, "Fp8Linear did not take the GEMV for one bf16 row"
-        calls.clear()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(x)
-        torch.cuda.current_stream().wait_stream(side)
-        assert calls, "the compiled step did not trace the GEMV"
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step(x)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(captured, layer(torch.nn.functional.silu(x)) * 2)
-        assert not torch.equal(captured, expected)  # the replay computed from the new x
-    finally:
-        fp8.fp8_gemv = original
+    monkeypatch.setattr(fp8, "fp8_gemv", counted)
+    step = torch.compile(lambda x: layer(torch.nn.functional.silu(x)) * 2, dynamic=True,
+                         options=dict(CPP_WRAPPER_OPTIONS))
+    x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = layer(torch.nn.functional.silu(x)) * 2  # eager: the GEMV as well
+    assert calls, "Fp8Linear did not take the GEMV for one bf16 row"
+    calls.clear()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(x)
+    torch.cuda.current_stream().wait_stream(side)
+    assert calls, "the compiled step did not trace the GEMV"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, layer(torch.nn.functional.silu(x)) * 2)
+    assert not torch.equal(captured, expected)  # the replay computed from the new x
 
 
 def test_fp8_linear_takes_the_gemv_for_one_bf16_row_only(monkeypatch):
