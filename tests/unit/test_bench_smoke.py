@@ -322,3 +322,25 @@ def test_reports_say_when_fresh_processes_compile_torch_from_source(tmp_path):
         os.environ, PYTHONPYCACHEPREFIX=empty_prefix), check=True, timeout=300)
     compiled = state_in({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": empty_prefix})
     assert compiled["state"]["torch_byte_compiled"] and compiled["warning"] is None
+
+
+def test_ar_profile_reports_a_decode_step_op_by_op(tmp_path, tiny_checkpoint):
+    """bench.ar_profile on the CPU: a whole generation timed, a window of steps profiled, the profile's times per
+    token adding up (grouped = listed = busy on one thread), for bf16 and FP8 alike."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, "-m", "bench.ar_profile", "--tiny", "--model", str(tiny_checkpoint),
+                           "--window", "16", "--out", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "ar_profile.json").read_text())
+    assert set(data["results"]) == {"bf16", "fp8"}
+    for weights, result in data["results"].items():
+        prof = result["profile"]
+        assert _positive(result["ms_per_token"]) and result["tokens"] == 513, weights
+        assert prof["steps"] >= 16 and prof["launches_per_token"] > 10, weights
+        total = sum(prof["groups_us_per_token"].values())
+        assert math.isclose(total, prof["kernel_us_per_token"], rel_tol=0.01), weights
+        assert prof["busy_us_per_token"] <= prof["kernel_us_per_token"] * 1.01, weights
+        assert prof["groups_us_per_token"]["linear: cuBLAS GEMV / GEMM"] > 0, weights
+    assert (tmp_path / "ar_profile.md").read_text().startswith("# GLM-Image AR decode step")

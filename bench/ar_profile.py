@@ -1,0 +1,209 @@
+"""Where one AR decode step's time goes, kernel by kernel, in bf16 and in FP8, through glm_core's public API.
+
+    python3 -m bench.ar_profile --model /tmp/glm-image --out $OUT [--weights bf16,fp8] [--window 128]
+    python3 -m bench.ar_profile --tiny --out DIR      # the same code on the CPU, tiny checkpoint (ops, not kernels)
+
+Per weight format: the AR stage alone on the GPU, one whole 1024² generation to compile and capture, one more timed
+(ms per token over the whole generation), then a third with torch's profiler on for `--window` tokens from token
+400 on (the window starts and ends with a synchronisation, so it holds exactly the steps launched inside it).
+Reported per token: every kernel's time and launches, the kernels grouped by what they do, the GPU's busy time
+(the union of the kernels' intervals) and the wall time: the gap between the two is the GPU waiting between
+kernels. The profiler adds host work per launch, not GPU time: the kernel times are what a step costs, the window's
+wall time is not (the timed run's ms per token is).
+Results: ar_profile.json (rewritten after each weight format) and ar_profile.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.harness import time_once
+from glm_core import pipeline
+
+PROMPT = 'A red fox on a snowy hill at dawn, a wooden sign that says "GLM"'
+WINDOW_START = 400  # tokens: past the capture, the bounded queue full, the cache a third filled
+
+# Kernel name fragments -> what the kernel does (the first match wins; lower-case).
+# Inductor names its fused kernels after the ops they hold, the GEMV op beside them among those: "triton_" first.
+KERNEL_GROUPS = [
+    ("gemv_kernel", "linear: GEMV (ours, glm_core/gemv.py)"),
+    ("triton_", "inductor-fused: norms, rope, residuals, cache writes, attention inputs"),
+    ("gemv", "linear: cuBLAS GEMV / GEMM"),
+    ("gemm", "linear: cuBLAS GEMV / GEMM"),
+    ("nvjet", "linear: cuBLAS GEMV / GEMM"),
+    ("splitk", "linear: cuBLAS GEMV / GEMM"),
+    ("cutlass", "linear: cuBLAS GEMV / GEMM"),
+    ("flash", "attention"),
+    ("fmha", "attention"),
+    ("attention", "attention"),
+    ("cudnn", "attention"),
+    ("sort", "sampling (sort, scan)"),
+    ("scan", "sampling (sort, scan)"),
+    ("linear", "linear: cuBLAS GEMV / GEMM"),  # the CPU's aten::linear (--tiny)
+]
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    return next((group for fragment, group in KERNEL_GROUPS if fragment in lowered), "other")
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (µs)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+def device_events(prof, on_cuda: bool) -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of each GPU kernel (on the CPU: each top-level aten op)."""
+    out = []
+    for event in prof.events():
+        is_kernel = event.device_type == torch.autograd.DeviceType.CUDA
+        if on_cuda and not is_kernel:
+            continue
+        if not on_cuda and (is_kernel or not event.name.startswith("aten::") or event.cpu_parent is not None):
+            continue
+        out.append((event.name, float(event.time_range.start), float(event.time_range.end)))
+    return out
+
+
+def summarise(events: list[tuple[str, float, float]], steps: int, wall_s: float) -> dict:
+    per_name = defaultdict(lambda: [0, 0.0])
+    per_group = defaultdict(float)
+    for name, start, end in events:
+        per_name[name][0] += 1
+        per_name[name][1] += end - start
+        per_group[kernel_group(name)] += end - start
+    kernel_us = sum(us for _, us in per_name.values())
+    busy = busy_us([(start, end) for _, start, end in events])
+    top = sorted(per_name.items(), key=lambda item: -item[1][1])[:40]
+    return {
+        "steps": steps,
+        "wall_us_per_token_profiled": round(wall_s / steps * 1e6, 1),
+        "kernel_us_per_token": round(kernel_us / steps, 1),
+        "busy_us_per_token": round(busy / steps, 1),
+        "launches_per_token": round(sum(count for count, _ in per_name.values()) / steps, 1),
+        "groups_us_per_token": {group: round(us / steps, 1) for group, us in sorted(per_group.items(),
+                                                                                  key=lambda item: -item[1])},
+        "kernels": [{"name": name[:160], "group": kernel_group(name), "us_per_token": round(us / steps, 2),
+                     "launches_per_token": round(count / steps, 2), "us_per_launch": round(us / count, 2)}
+                    for name, (count, us) in top],
+    }
+
+
+def profile_generation(model, cond, start_at: int, window: int, on_cuda: bool) -> dict:
+    """One generation with the profiler on for `window` tokens from `start_at` (progress callbacks come every
+    few tokens; the window is widened to the next one)."""
+    state = {}
+
+    def progress(done: int, total: int) -> None:
+        if "prof" not in state and done >= min(start_at, total // 3):
+            if on_cuda:
+                torch.cuda.synchronize()
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if on_cuda:
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            state["prof"] = torch.profiler.profile(activities=activities)
+            state["prof"].start()
+            state["start"] = (done, time.perf_counter())
+        elif "prof" in state and "stop" not in state and done >= state["start"][0] + min(window, total // 3):
+            if on_cuda:
+                torch.cuda.synchronize()
+            state["stop"] = (done, time.perf_counter())
+            state["prof"].stop()
+
+    pipeline.generate_tokens(model, cond, seed=11, progress=progress)
+    if "stop" not in state:
+        raise RuntimeError("the generation ended before the profiling window closed")
+    steps = state["stop"][0] - state["start"][0]
+    return summarise(device_events(state["prof"], on_cuda), steps, state["stop"][1] - state["start"][1])
+
+
+def profile_weights(folder: str, weights: str, device: torch.device, size: int, window: int) -> dict:
+    model = pipeline.GlmImage.from_folder(folder, device=device, weights=weights, placement="gpu"
+                                          if device.type == "cuda" else "auto")
+    try:
+        cond = pipeline.encode_prompt(model, PROMPT, size, size)
+        first_s = time_once(lambda: pipeline.generate_tokens(model, cond, seed=10), device, wall=True)
+        timed_s = time_once(lambda: pipeline.generate_tokens(model, cond, seed=10), device, wall=True)
+        from glm_core.processor import get_target_shape
+
+        grid_h, grid_w, preview_h, preview_w = get_target_shape(size, size)
+        count = grid_h * grid_w + preview_h * preview_w + 1
+        result = {"weights": weights, "size": size, "tokens": count, "first_generation_s": round(first_s, 2),
+                  "ms_per_token": round(timed_s / count * 1e3, 3)}
+        result["profile"] = profile_generation(model, cond, WINDOW_START if size >= 1024 else 8, window,
+                                               device.type == "cuda")
+        return result
+    finally:
+        model.unload()
+
+
+def render_markdown(data: dict) -> str:
+    lines = [f"# GLM-Image AR decode step, kernel by kernel ({data['meta']['device']}, {data['meta']['date']})", ""]
+    for weights, result in data["results"].items():
+        if "error" in result:
+            lines += [f"## {weights}: failed: {result['error']}", ""]
+            continue
+        prof = result["profile"]
+        lines += [f"## {weights}: {result['ms_per_token']} ms/token over a whole {result['size']}² generation "
+                  f"({result['tokens']} tokens)", "",
+                  f"Profiled window: {prof['steps']} tokens; per token: kernels {prof['kernel_us_per_token']} µs, "
+                  f"GPU busy {prof['busy_us_per_token']} µs, {prof['launches_per_token']} launches.", "",
+                  "| group | µs per token |", "|---|---|"]
+        lines += [f"| {group} | {us} |" for group, us in prof["groups_us_per_token"].items()]
+        lines += ["", "| kernel | group | µs/token | launches/token | µs/launch |", "|---|---|---|---|---|"]
+        lines += [f"| `{k['name'][:90]}` | {k['group']} | {k['us_per_token']} | {k['launches_per_token']} | "
+                  f"{k['us_per_launch']} |" for k in prof["kernels"][:25]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="GLM-Image checkpoint folder (default with --tiny: a tiny random one)")
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny checkpoint, 512² (smoke test)")
+    p.add_argument("--weights", default="bf16,fp8")
+    p.add_argument("--window", type=int, default=128, help="tokens profiled")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = args.model
+    if folder is None:
+        if not args.tiny:
+            p.error("--model is required on the GPU")
+        from glm_core.demo_checkpoint import write_demo_checkpoint
+
+        folder = write_demo_checkpoint(out / "tiny-checkpoint")
+    data = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "model": str(folder)}, "results": {}}
+    for weights in [w.strip() for w in args.weights.split(",") if w.strip()]:
+        try:
+            data["results"][weights] = profile_weights(str(folder), weights, device, 512 if args.tiny else 1024,
+                                                       args.window)
+        except Exception as exc:  # noqa: BLE001 — the other format is still measured
+            data["results"][weights] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({weights: {k: v for k, v in data["results"][weights].items() if k != "profile"}}),
+              flush=True)
+        (out / "ar_profile.json").write_text(json.dumps(data, indent=1))
+        (out / "ar_profile.md").write_text(render_markdown(data))
+    return 0 if all("error" not in r for r in data["results"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
