@@ -24,8 +24,14 @@ How the kernel is organised
 
 Where it runs (`fp8_gemv_available`)
     CUDA devices of compute capability >= 8.9 (native e4m3 conversion), not ROCm (e4m3fnuz there), with triton
-    importable. This module imports without triton; the op is then not registered and `fp8_gemv_available` is
-    False. On the CPU the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
+    importable, and not under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards): there the AR
+    decode's CUDA graph capture of a layer calling this op killed the process (SIGSEGV inside the compiled layer's
+    C++ wrapper, H200, 2026-11-30, seen with the kernel on bf16 weights, the same launch); the kernel is launched from
+    Python by Triton's launcher, which checks each pointer with the driver, and memory allocated during a capture
+    under cudaMallocAsync has no device pointer yet (glm_core/ar/decode.py `under_cuda_malloc_async`: inductor's
+    Python launchers fail the same way). Those processes keep `_scaled_mm`. This module imports without triton; the
+    op is then not registered and `fp8_gemv_available` is False. On the CPU the kernel runs only under Triton's
+    interpreter (TRITON_INTERPRET=1), for tests.
 
 Torch op
     `torch.ops.glm_core.fp8_gemv(x, weight, weight_scale, bias)`: an opaque `torch.library.custom_op` with a fake
@@ -37,6 +43,7 @@ Torch op
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 
@@ -47,6 +54,7 @@ except Exception:  # noqa: BLE001 — a broken triton install (not only a missin
     triton = None
     tl = None
 
+log = logging.getLogger("glm_core")
 OP_NAME = "glm_core::fp8_gemv"
 # Where autotuning cannot run (Triton's interpreter on the CPU): small blocks, so that small test shapes still span
 # several programs and several K steps.
@@ -58,11 +66,23 @@ def triton_importable() -> bool:
 
 
 def fp8_gemv_available(device: torch.device | str) -> bool:
-    """True where `fp8_gemv` runs: CUDA (not ROCm), compute capability >= 8.9, triton importable."""
+    """True where `fp8_gemv` runs: CUDA (not ROCm), compute capability >= 8.9, triton importable, PyTorch's own
+    allocator (see the module docstring for cudaMallocAsync)."""
     device = torch.device(device)
     if device.type != "cuda" or triton is None or torch.version.hip is not None:
         return False
+    if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+        if not _SAID_OFF_UNDER_CUDA_MALLOC_ASYNC:
+            _SAID_OFF_UNDER_CUDA_MALLOC_ASYNC.append(True)
+            log.info("FP8 one-row GEMV off: this process uses the cudaMallocAsync allocator (ComfyUI's default), "
+                     "under which capturing it into the AR's CUDA graph crashed; FP8 decode steps take _scaled_mm "
+                     "(on an H200 5.9 instead of 4.1 ms per token). ComfyUI's --disable-cuda-malloc (PyTorch's own "
+                     "allocator) turns it on")
+        return False
     return tuple(torch.cuda.get_device_capability(device)) >= (8, 9)
+
+
+_SAID_OFF_UNDER_CUDA_MALLOC_ASYNC: list = []  # said once per process
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

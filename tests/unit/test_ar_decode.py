@@ -158,7 +158,7 @@ def test_cuda_graph_decode_with_compiled_layers_under_both_allocators(tiny_check
     assert result["allocator"] == allocator
     assert result["compiled"] == {"AR decode layer": None}, result  # compiled, and it did not fall back
     assert result["graph_replays"] > 10 and result["replays_without_graph"] == 0, result
-    assert result["same_tokens"], result
+    assert result["same_tokens"], json.dumps(result)
 
 
 def test_a_failed_capture_under_cudamallocasync_is_kept_and_ends_graphs(monkeypatch):

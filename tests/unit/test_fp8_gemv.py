@@ -188,3 +188,21 @@ def test_fp8_linear_takes_the_gemv_for_one_bf16_row_only(monkeypatch):
     step(torch.randn(4, 1, 64, dtype=torch.bfloat16))  # the same symbolic graph: no trace
     torch._dynamo.reset()
     assert calls == [(1, 1, 64)]
+
+
+def test_the_gemv_is_not_used_under_cuda_malloc_async(monkeypatch, caplog):
+    """Under cudaMallocAsync a CUDA graph capture of the op killed the process on the H200: there the layers keep the
+    library paths, whatever the GPU, and the log says so once, with the way to turn it on in ComfyUI."""
+    from glm_core import fp8_gemv as module
+
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(module, "triton", object())
+    monkeypatch.setattr(module, "_SAID_OFF_UNDER_CUDA_MALLOC_ASYNC", [])
+    with caplog.at_level("INFO", logger="glm_core"):
+        assert module.fp8_gemv_available("cuda:0") is False
+        assert module.fp8_gemv_available("cuda:1") is False
+    said = [r.getMessage() for r in caplog.records if "GEMV off" in r.getMessage()]
+    assert len(said) == 1 and "--disable-cuda-malloc" in said[0], said
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    assert module.fp8_gemv_available("cuda:0") is (torch.version.hip is None)
