@@ -15,7 +15,7 @@ Variants of one linear layer y = x W^T (+ b), W random bf16 (std 0.02), quantise
   (quantisation fused into one kernel, as inside the compiled DiT block).
 
 Phases: ceilings (bf16 8192³ matmul, device-to-device copy), probe, ar.gemv (M = 1 and 4: q/k/v fused,
-o, gate_up, down), gemv.sweep (glm_core/fp8_gemv.py's kernel at those shapes, M = 1, per block shape, on the e4m3
+o, gate_up, down), gemv.sweep (glm_core/gemv.py's kernel at those shapes, M = 1, per block shape, on the e4m3
 and on the bf16 weights; with --tiny and TRITON_INTERPRET=1 in Triton's CPU interpreter), ar.layer (those four
 chained as one decode layer's worth, inside a CUDA graph, eager ops and torch.compile'd), dit.gemm (M = 4096+64
 and 16384+64 tokens), dit.compiled. Each result is written to fp8_kernels.json / .md as soon as it is measured.
@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # `python bench/fp8_kernels.py`
 from bench import harness  # noqa: E402
 from bench.harness import Deadline, PhaseRunner, Report, fmt, log, measure  # noqa: E402
 from glm_core import fp8  # noqa: E402
+from glm_core.gemv import GemvLinear  # noqa: E402
 
 BF16 = torch.bfloat16
 STEM = "fp8_kernels"
@@ -284,7 +285,7 @@ def phase_ar_gemv(b: Bench, clock: Deadline) -> None:
 
 
 def gemv_sweep_configs(tiny: bool) -> list[dict]:
-    """Block shapes of glm_core/fp8_gemv.py's kernel to time one by one (at most 64 accumulators per thread)."""
+    """Block shapes of glm_core/gemv.py's kernel to time one by one (at most 64 accumulators per thread)."""
     if tiny:
         return [{"BLOCK_N": n, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1} for n in (2, 4)]
     return [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
@@ -296,11 +297,11 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
     """The FP8 GEMV kernel at each AR linear shape (M = 1) for every block shape of `gemv_sweep_configs`, inside
     a CUDA graph over rotated weight copies; the bf16 F.linear, the autotuned op and the kernel on bf16 weights
     beside them."""
-    from glm_core import fp8_gemv
+    from glm_core import gemv
 
-    interpreted = b.args.tiny and fp8_gemv.triton_importable() and os.environ.get("TRITON_INTERPRET") == "1"
-    if not (interpreted or (b.on_cuda and fp8_gemv.fp8_gemv_available(b.device))):
-        b.report.note("gemv.sweep: the FP8 GEMV kernel does not run here (fp8_gemv_available is False)")
+    interpreted = b.args.tiny and gemv.triton_importable() and os.environ.get("TRITON_INTERPRET") == "1"
+    if not (interpreted or (b.on_cuda and gemv.gemv_available(b.device))):
+        b.report.note("gemv.sweep: the GEMV kernel does not run here (gemv_available is False)")
         return
     copy_gbps = (b.report.get("ceilings") or {}).get("copy_gbps")
     for name, k, n, bias in b.shapes.ar_linears():
@@ -309,14 +310,13 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
         weights = [probe] + [Weights.random(k, n, bias, b.device) for _ in range(copies - 1)]
         inputs = [torch.randn(k, device=b.device, dtype=BF16) for _ in weights]
         outputs = [torch.empty(n, device=b.device, dtype=BF16) for _ in weights]
-        ones = torch.ones(n, device=b.device)
 
         def time_of(step) -> float:
             return graph_seconds(step, lambda: fresh_(inputs), b, clock) / len(weights)
 
         def sweep(variant: str, configs: list) -> list[dict]:
-            """The kernel on the e4m3 weights and their scales ("fp8") or on the bf16 weights with unit scales
-            ("bf16": would a GEMV of ours beat cuBLAS's for the bf16 AR?); config None = the autotuned op."""
+            """The kernel on the e4m3 weights and their scales ("fp8") or on the bf16 weights ("bf16": against
+            cuBLAS's GEMV for the bf16 AR); config None = the autotuned op."""
             timings = []
             for config in configs:
                 clock.check(f"gemv sweep {name} {variant} {config}")
@@ -324,9 +324,9 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
                 def step(config=config):
                     for x, w, y in zip(inputs, weights, outputs):
                         if variant == "fp8":
-                            fp8_gemv.launch(x, w.fp8, w.scale, w.bias, y, config)
+                            gemv.launch(x, w.fp8, w.scale, w.bias, y, config)
                         else:
-                            fp8_gemv.launch(x, w.bf16, ones, w.bias, y, config)
+                            gemv.launch(x, w.bf16, None, w.bias, y, config)
 
                 try:
                     seconds = time_of(step)
@@ -341,7 +341,7 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
 
         timings = sweep("fp8", [None] + gemv_sweep_configs(b.args.tiny))
         bf16_us = time_of(lambda: [F.linear(x, w.bf16, w.bias) for x, w in zip(inputs, weights)]) * 1e6
-        bf16_timings = sweep("bf16", gemv_sweep_configs(b.args.tiny))
+        bf16_timings = sweep("bf16", [None] + gemv_sweep_configs(b.args.tiny))
         ranked = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
         ranked_bf16 = sorted((t for t in bf16_timings if "us" in t), key=lambda t: t["us"])
         b.report.set(f"results.gemv_sweep.{name}", {"n": n, "k": k, "bf16_linear_us": round(bf16_us, 2),
@@ -397,7 +397,7 @@ class DecodeLayer(nn.Module):
     def _linear(w: Weights, variant: str) -> nn.Module:
         out_features, in_features = w.bf16.shape
         if variant.startswith("bf16"):
-            kind = _OneRowBf16Linear if variant == "bf16_one_row" else nn.Linear
+            kind = {"bf16_one_row": _OneRowBf16Linear, "bf16_gemv": GemvLinear}.get(variant, nn.Linear)
             layer = kind(in_features, out_features, bias=w.bias is not None, device="meta")
             layer.weight = nn.Parameter(w.bf16, requires_grad=False)
             if w.bias is not None:
@@ -434,6 +434,7 @@ def phase_ar_layer(b: Bench, clock: Deadline) -> None:
         # `_scaled_mm`, bf16 through cuBLAS and bf16 as the same reduction. Fast accumulation is the same
         # compiled code around the GEMM: measured eagerly only.
         one_row = [("graph_compiled_tuned", "fp8"), ("graph_compiled", "fp8"), ("graph_compiled", "bf16"),
+                   ("graph_compiled", "bf16_gemv"),
                    ("graph_compiled_tuned", "bf16"), ("graph_compiled_tuned", "bf16_one_row")]
         if b.fp8_matmul:
             one_row.append(("graph_compiled", "fp8_scaled_mm"))

@@ -29,7 +29,7 @@ Why dynamic per-token activation scales (FP8 matmul path)
 
 Three ways to run the matmul (chosen from the input's device and rows; `Fp8Linear.forward`)
     - One row (a batch-1 decode step), bf16 x, CUDA compute capability >= 8.9 with triton: a Triton GEMV that
-      reads each e4m3 byte once and widens it in registers, scale and bias in its epilogue (glm_core/fp8_gemv.py).
+      reads each e4m3 byte once and widens it in registers, scale and bias in its epilogue (glm_core/gemv.py).
       A decode step's time is the weight bytes read, which this halves against bf16; the `_scaled_mm` path
       below reads e4m3 weights no faster than cuBLAS reads bf16 at one row. Weight-only: x is not quantised.
       Where it does not run (an RTX 3090), the FP8 decode layer is compiled with tuned reductions, so inductor
@@ -58,13 +58,13 @@ layers alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8_gemv import fp8_gemv, fp8_gemv_available
+from .gemv import constant_per_device, gemv, one_static_row, uses_gemv
 from .limits import WEIGHT_FORMATS
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -137,28 +137,13 @@ def fp8_matmul_supported(device: torch.device | str) -> bool:
     return tuple(torch.cuda.get_device_capability(device)) >= (8, 9)
 
 
-def _constant_per_device(check: Callable[[str], bool], memo: dict[str, bool]) -> Callable[[str], bool]:
-    """check(device), memoised in `memo` and run once at trace time by torch.compile (its result becomes a
-    constant): the choice of path is no data-dependent branch and costs nothing in compiled code or CUDA graphs."""
-
-    @torch._dynamo.assume_constant_result
-    def constant(device: str) -> bool:
-        if device not in memo:
-            memo[device] = check(device)
-        return memo[device]
-
-    return constant
-
-
 _PATH_BY_DEVICE: dict[str, bool] = {}
-_GEMV_BY_DEVICE: dict[str, bool] = {}
-_uses_scaled_mm = _constant_per_device(fp8_matmul_supported, _PATH_BY_DEVICE)
-_uses_fp8_gemv = _constant_per_device(fp8_gemv_available, _GEMV_BY_DEVICE)
+_uses_scaled_mm = constant_per_device(fp8_matmul_supported, _PATH_BY_DEVICE)
 
 
 # --------------------------------------------------------------------------------------------
 # Two of the matmul paths (called by Fp8Linear.forward; public so that tests and benchmarks can call each; the
-# third, the one-row GEMV, is glm_core/fp8_gemv.py)
+# third, the one-row GEMV, is glm_core/gemv.py)
 
 
 def dequant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -216,12 +201,6 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 # The layer
 
 
-def _one_static_row(x: torch.Tensor) -> bool:
-    # Under torch.compile size-1 dims are plain ints (dynamo specialises them), so batch-1 decode steps trace as one
-    # row while symbolic (dynamic) sizes take the matmul paths, without adding a guard.
-    return all(isinstance(size, int) and size == 1 for size in x.shape[:-1])
-
-
 class Fp8Linear(nn.Module):
     """Drop-in for nn.Linear with an e4m3 weight and per-output-channel fp32 scales.
 
@@ -266,8 +245,8 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"Fp8Linear({self.in_features} -> {self.out_features}) got an input whose last "
                              f"dimension is {x.shape[-1]} (shape {tuple(x.shape)})")
         # a batch-1 decode step: a GEMV, bound by reading the weight
-        if x.dtype == torch.bfloat16 and _one_static_row(x) and _uses_fp8_gemv(str(x.device)):
-            return fp8_gemv(x, self.weight, self.weight_scale, self.bias)
+        if x.dtype == torch.bfloat16 and one_static_row(x) and uses_gemv(str(x.device)):
+            return gemv(x, self.weight, self.weight_scale, self.bias)
         if _uses_scaled_mm(str(x.device)):
             return scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, use_fast_accum=self.use_fast_accum)
         return dequant_linear(x, self.weight, self.weight_scale, self.bias)
@@ -316,7 +295,7 @@ def fp8_structure_(module: nn.Module, names: Iterable[str], *, use_fast_accum: b
             raise ValueError(f"fp8_structure_: no submodule {name!r} in {type(module).__name__} ({exc})") from None
         if isinstance(linear, Fp8Linear):
             continue
-        if type(linear) is not nn.Linear:
+        if not isinstance(linear, nn.Linear):
             raise ValueError(f"fp8_structure_: {name!r} is a {type(linear).__name__}, not an nn.Linear")
         setattr(parent, leaf, Fp8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                         device="meta", dtype=linear.weight.dtype, use_fast_accum=use_fast_accum))
@@ -350,4 +329,4 @@ def use_fp8_linears_(model: nn.Module, pattern, weights: str, component_dir) -> 
                                   "weights='fp8' (or 'auto')")
         return
     fp8_structure_(model, [name for name, child in model.named_modules()
-                           if type(child) is nn.Linear and pattern.fullmatch(name)])
+                           if isinstance(child, nn.Linear) and pattern.fullmatch(name)])

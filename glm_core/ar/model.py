@@ -2,7 +2,8 @@
 (spec §1.2.3). The reference-image tokenizer in the same checkpoint files is `vision.py`.
 
 Attribute names mirror the checkpoint keys (spec §3.1) so `load_weights` needs no mapping
-(`model.language_model.*`, `lm_head.weight`), except q/k/v, which are fused as they load.
+(`model.language_model.*`, `lm_head.weight`), except q/k/v, which are fused as they load. The decoder's
+linears and the head are `GemvLinear`s: their batch-1 decode steps take the one-row GEMV (glm_core/gemv.py).
 
 The model holds no generation state. A `KVCache` (decode.py) is passed in explicitly.
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import fuse_checkpoint_keys
+from ..gemv import GemvLinear
 from .config import ARConfig, TextConfig
 from .vision import activation
 
@@ -85,8 +87,8 @@ class TextAttention(nn.Module):
         self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.qkv_proj = GemvLinear(hidden, self.q_size + 2 * self.kv_size, bias=bias)
+        self.o_proj = GemvLinear(self.num_heads * self.head_dim, hidden, bias=False)
         self._register_load_state_dict_pre_hook(fuse_checkpoint_keys, with_module=True)
 
     def fused_part_sizes(self) -> tuple[int, int, int]:
@@ -133,8 +135,8 @@ class TextMLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = GemvLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = GemvLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +207,7 @@ class GlmImageAR(nn.Module):
             )
         self.config = config
         self.model = GlmImageARBackbone(config)
-        self.lm_head = nn.Linear(text.hidden_size, text.vision_vocab_size, bias=False)
+        self.lm_head = GemvLinear(text.hidden_size, text.vision_vocab_size, bias=False)
         # None: the decode layer runs eagerly; else the torch.compile backend of the decode layer. Set by
         # the loader (`glm_core.compiling.compile_backend`).
         self.compile_backend: str | None = None

@@ -1,9 +1,10 @@
-"""glm_core/fp8_gemv.py: the one-row FP8 GEMV against a float64 reference of the dequantised weight.
+"""glm_core/gemv.py: the one-row GEMV, on e4m3 weights against a float64 reference of the dequantised weight and on
+bf16 weights against a float64 reference of the weight.
 
 On the CPU the kernel runs in Triton's interpreter. TRITON_INTERPRET=1 must be set before triton defines a kernel,
 so it runs in a child process that sets it; the parent checks what the child reports. On a GPU (skipped without
 CUDA, each skip saying so): the real kernel at the AR decoder's shapes, inside torch.compile with the C++ wrapper
-and a CUDA graph, and Fp8Linear taking it for one row.
+and a CUDA graph, and Fp8Linear and GemvLinear taking it for one row.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import sys
 import pytest
 import torch
 
-from glm_core import fp8
+from glm_core import fp8, gemv
 from glm_core.compiling import CPP_WRAPPER_OPTIONS
-from glm_core.fp8_gemv import fp8_gemv_available
+from glm_core.gemv import GemvLinear, gemv_available
 from tests.paths import REPO_ROOT
 
 # (N, K, bias): N off the interpreter's 4-channel blocks (a partial last block), K off its 32-column steps (a
@@ -30,19 +31,24 @@ import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from glm_core import fp8
-from glm_core.fp8_gemv import fp8_gemv
+from glm_core.gemv import gemv
 
 torch.manual_seed(0)
 results = []
-for out_features, in_features, has_bias in json.loads(sys.argv[1]):
-    weight, scale = fp8.quantize_weight(torch.randn(out_features, in_features) * 0.02)
+for weights, out_features, in_features, has_bias in json.loads(sys.argv[1]):
+    w = torch.randn(out_features, in_features) * 0.02
+    if weights == "fp8":
+        weight, scale = fp8.quantize_weight(w)
+        dequantized = fp8.dequantize_weight(weight, scale).double()  # (N, K)
+    else:
+        weight, scale = w.to(torch.bfloat16), None
+        dequantized = weight.double()
     x = torch.randn(1, 1, in_features).to(torch.bfloat16)
     bias = (torch.randn(out_features) * 0.02).to(torch.bfloat16) if has_bias else None
-    y = fp8_gemv(x, weight, scale, bias)
-    dequantized = fp8.dequantize_weight(weight, scale).double()  # (N, K)
+    y = gemv(x, weight, scale, bias)
     reference = x[0].double() @ dequantized.T + (bias.double() if has_bias else 0.0)  # (1, N)
     magnitude = x[0].double().abs() @ dequantized.abs().T  # sum_k |x w|: what fp32 summation errors scale with
-    results.append({"shape": [out_features, in_features, has_bias], "dtype": str(y.dtype),
+    results.append({"shape": [weights, out_features, in_features, has_bias], "dtype": str(y.dtype),
                     "out_shape": list(y.shape), "error": (y[0].double() - reference).abs().tolist(),
                     "reference": reference.abs().tolist(), "magnitude": magnitude.tolist()})
 print("RESULTS " + json.dumps(results))
@@ -58,72 +64,88 @@ def within_rounding(error, reference, magnitude) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def interpreted_results():
-    pytest.importorskip("triton", reason="the FP8 GEMV kernel tests need the triton package (its CPU interpreter)")
+    pytest.importorskip("triton", reason="the GEMV kernel tests need the triton package (its CPU interpreter)")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(SHAPES)], cwd=REPO_ROOT, env=env,
+    cases = [[weights, *shape] for weights in ("fp8", "bf16") for shape in SHAPES]
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     return json.loads(line[len("RESULTS "):])
 
 
-def test_gemv_matches_a_float64_reference_of_the_dequantized_weight(interpreted_results):
-    assert [r["shape"] for r in interpreted_results] == [list(s) for s in SHAPES]
+def test_gemv_matches_a_float64_reference_for_e4m3_and_bf16_weights(interpreted_results):
+    assert [r["shape"] for r in interpreted_results] == [[w, *s] for w in ("fp8", "bf16") for s in SHAPES]
     for result in interpreted_results:
-        out_features = result["shape"][0]
+        out_features = result["shape"][1]
         assert result["dtype"] == "torch.bfloat16" and result["out_shape"] == [1, 1, out_features], result["shape"]
         ok = within_rounding(torch.tensor(result["error"]), torch.tensor(result["reference"]),
                              torch.tensor(result["magnitude"]))
         assert bool(ok.all()), result["shape"]
 
 
-def test_gemv_is_unavailable_on_the_cpu_and_fp8_linear_keeps_its_cpu_paths():
-    assert fp8_gemv_available("cpu") is False
+def test_gemv_is_unavailable_on_the_cpu_and_the_layers_keep_their_cpu_paths():
+    assert gemv_available("cpu") is False
     torch.manual_seed(0)
-    layer = fp8.Fp8Linear.from_linear(torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16))
+    linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    layer = fp8.Fp8Linear.from_linear(linear)
+    bf16_layer = GemvLinear(64, 48, bias=True, dtype=torch.bfloat16)
+    bf16_layer.load_state_dict(linear.state_dict())
     for rows in (1, 4):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         assert torch.equal(layer(x), fp8.dequant_linear(x, layer.weight, layer.weight_scale, layer.bias)), rows
+        assert torch.equal(bf16_layer(x), linear(x)), rows
 
 
 def test_gemv_rejects_inputs_that_do_not_fit():
     pytest.importorskip("triton", reason="the op is registered only where triton imports")
-    from glm_core.fp8_gemv import check_inputs
+    from glm_core.gemv import check_inputs
 
     weight, scale = fp8.quantize_weight(torch.randn(8, 16))
+    x = torch.zeros(16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="one row of 16"):
         check_inputs(torch.zeros(2, 16, dtype=torch.bfloat16), weight, scale, None)
     with pytest.raises(ValueError, match="x bf16"):
         check_inputs(torch.zeros(16), weight, scale, None)
     with pytest.raises(ValueError, match="bias"):
-        check_inputs(torch.zeros(16, dtype=torch.bfloat16), weight, scale, torch.zeros(9, dtype=torch.bfloat16))
+        check_inputs(x, weight, scale, torch.zeros(9, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="needs its fp32 weight_scale"):
+        check_inputs(x, weight, None, None)
+    with pytest.raises(ValueError, match="takes none"):
+        check_inputs(x, weight.to(torch.bfloat16), scale, None)
+    with pytest.raises(ValueError, match="float8_e4m3fn or bf16 weight"):
+        check_inputs(x, weight.float(), None, None)
 
 
 # --------------------------------------------------------------------------------------------
 # On the GPU
 
-gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fp8_gemv_available("cuda")),
-                         reason="needs a CUDA GPU of compute capability >= 8.9 with triton (the FP8 GEMV kernel)")
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gemv_available("cuda")),
+                         reason="needs a CUDA GPU of compute capability >= 8.9 with triton (the GEMV kernel)")
 
 AR_SHAPES = [(4608, 4096, True), (4096, 4096, False), (27392, 4096, False), (4096, 13696, False)]
 
 
 @gpu
+@pytest.mark.parametrize("weights", ["fp8", "bf16"])
 @pytest.mark.parametrize("out_features,in_features,has_bias", AR_SHAPES)
-def test_on_the_gpu_gemv_matches_float64_and_is_deterministic(out_features, in_features, has_bias):
-    from glm_core.fp8_gemv import fp8_gemv
-
+def test_on_the_gpu_gemv_matches_float64_and_is_deterministic(out_features, in_features, has_bias, weights):
     torch.manual_seed(0)
-    weight, scale = fp8.quantize_weight(torch.randn(out_features, in_features, device="cuda") * 0.02)
+    w = torch.randn(out_features, in_features, device="cuda") * 0.02
+    if weights == "fp8":
+        weight, scale = fp8.quantize_weight(w)
+        dequantized = fp8.dequantize_weight(weight, scale).double()
+    else:
+        weight, scale = w.to(torch.bfloat16), None
+        dequantized = weight.double()
     bias = (torch.randn(out_features, device="cuda") * 0.02).to(torch.bfloat16) if has_bias else None
     x = torch.randn(1, in_features, device="cuda").to(torch.bfloat16)
-    y = fp8_gemv(x, weight, scale, bias)
-    dequantized = fp8.dequantize_weight(weight, scale).double()
+    y = gemv.gemv(x, weight, scale, bias)
     reference = x.double() @ dequantized.T + (bias.double() if has_bias else 0.0)
     magnitude = x.double().abs() @ dequantized.abs().T
     assert y.shape == (1, out_features) and y.dtype == torch.bfloat16
     assert bool(within_rounding((y.double() - reference).abs(), reference.abs(), magnitude).all())
-    assert all(torch.equal(fp8_gemv(x, weight, scale, bias), y) for _ in range(3))
+    assert all(torch.equal(gemv.gemv(x, weight, scale, bias), y) for _ in range(3))
 
 
 @gpu
@@ -132,13 +154,13 @@ def test_on_the_gpu_fp8_linear_takes_the_gemv_in_a_compiled_cuda_graph_with_the_
     linear = torch.nn.Linear(4096, 4608, bias=True, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     layer = fp8.Fp8Linear.from_linear(linear)  # inference: the op has no backward, its inputs need no grad
     calls = []
-    original = fp8.fp8_gemv
+    original = fp8.gemv
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fp8, "fp8_gemv", counted)
+    monkeypatch.setattr(fp8, "gemv", counted)
     step = torch.compile(lambda x: layer(torch.nn.functional.silu(x)) * 2, dynamic=True,
                          options=dict(CPP_WRAPPER_OPTIONS))
     x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
@@ -172,8 +194,8 @@ def test_fp8_linear_takes_the_gemv_for_one_bf16_row_only(monkeypatch):
         calls.append(tuple(x.shape))
         return fp8.dequant_linear(x, weight, weight_scale, bias)
 
-    monkeypatch.setitem(fp8._GEMV_BY_DEVICE, "cpu", True)
-    monkeypatch.setattr(fp8, "fp8_gemv", spy)
+    monkeypatch.setitem(gemv.GEMV_BY_DEVICE, "cpu", True)
+    monkeypatch.setattr(fp8, "gemv", spy)
     torch.manual_seed(0)
     layer = fp8.Fp8Linear.from_linear(torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16).requires_grad_(False))
     layer(torch.randn(1, 1, 64, dtype=torch.bfloat16))
@@ -190,19 +212,80 @@ def test_fp8_linear_takes_the_gemv_for_one_bf16_row_only(monkeypatch):
     assert calls == [(1, 1, 64)]
 
 
+def test_gemv_linear_takes_the_gemv_for_one_bf16_row_only(monkeypatch):
+    """GemvLinear's routing on the CPU with the GEMV pretended available (a spy stands in for the kernel): one bf16
+    row takes it, eagerly and compiled with dynamic shapes; more rows, a symbolic batch, fp32 take F.linear."""
+    calls = []
+
+    def spy(x, weight, weight_scale=None, bias=None):
+        calls.append((tuple(x.shape), weight_scale))
+        return torch.nn.functional.linear(x, weight, bias)
+
+    monkeypatch.setitem(gemv.GEMV_BY_DEVICE, "cpu", True)
+    monkeypatch.setattr(gemv, "gemv", spy)
+    torch.manual_seed(0)
+    layer = GemvLinear(64, 48, bias=True, dtype=torch.bfloat16).requires_grad_(False)
+    fp32_layer = GemvLinear(64, 48, bias=False).requires_grad_(False)
+    layer(torch.randn(1, 1, 64, dtype=torch.bfloat16))
+    layer(torch.randn(2, 1, 64, dtype=torch.bfloat16))
+    fp32_layer(torch.randn(1, 64))
+    assert calls == [((1, 1, 64), None)]
+    calls.clear()
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: layer(x), dynamic=True)
+    step(torch.randn(1, 1, 64, dtype=torch.bfloat16))
+    step(torch.randn(3, 1, 64, dtype=torch.bfloat16))
+    step(torch.randn(4, 1, 64, dtype=torch.bfloat16))
+    torch._dynamo.reset()
+    assert calls == [((1, 1, 64), None)]
+
+
+def test_a_bf16_ar_decode_takes_the_gemv_in_every_linear_and_the_head_at_batch_one_only(monkeypatch, tiny_checkpoint):
+    """The tiny AR in bf16 with the GEMV pretended available (a spy computing F.linear stands in): each batch-1
+    decode step calls it once per decoder linear and once for the head, the prefill's layers and a batch of two never;
+    the tokens are those of the plain layers."""
+    from glm_core.ar.config import MODEL_CARD_SAMPLING
+    from glm_core.ar.decode import generate_sequences
+    from glm_core.ar.model import load_ar
+    from tests.inputs import make_inputs
+    from tests.reference import reference_processor
+
+    model = load_ar(tiny_checkpoint, "cpu", torch.bfloat16)
+    inputs = make_inputs(reference_processor(tiny_checkpoint), ["a red fox"], 64, 64)
+    plain = generate_sequences(model, inputs, seeds=[3], sampling_settings=MODEL_CARD_SAMPLING,
+                               use_cuda_graph=False)
+    calls = []
+
+    def spy(x, weight, weight_scale=None, bias=None):
+        calls.append(weight.shape)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    monkeypatch.setitem(gemv.GEMV_BY_DEVICE, "cpu", True)
+    monkeypatch.setattr(gemv, "gemv", spy)
+    routed = generate_sequences(model, inputs, seeds=[3], sampling_settings=MODEL_CARD_SAMPLING,
+                                use_cuda_graph=False)
+    assert torch.equal(routed, plain)
+    layers = len(model.model.language_model.layers)
+    steps = plain.shape[1] - 1  # the first token comes from the prefill
+    assert len(calls) == steps * (4 * layers + 1) + 1  # + the prefill's head, over the prompt's last position only
+    assert {tuple(shape) for shape in calls} == {tuple(m.weight.shape) for m in model.modules()
+                                                 if isinstance(m, GemvLinear)}
+    calls.clear()
+    generate_sequences(model, inputs, seeds=[3, 4], sampling_settings=MODEL_CARD_SAMPLING, use_cuda_graph=False)
+    assert calls == []
+
+
 def test_the_gemv_is_not_used_under_cuda_malloc_async(monkeypatch, caplog):
     """Under cudaMallocAsync a CUDA graph capture of the op killed the process on the H200: there the layers keep the
     library paths, whatever the GPU, and the log says so once, with the way to turn it on in ComfyUI."""
-    from glm_core import fp8_gemv as module
-
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(module, "triton", object())
-    monkeypatch.setattr(module, "_SAID_OFF_UNDER_CUDA_MALLOC_ASYNC", [])
+    monkeypatch.setattr(gemv, "triton", object())
+    monkeypatch.setattr(gemv, "_SAID_OFF_UNDER_CUDA_MALLOC_ASYNC", [])
     with caplog.at_level("INFO", logger="glm_core"):
-        assert module.fp8_gemv_available("cuda:0") is False
-        assert module.fp8_gemv_available("cuda:1") is False
+        assert gemv.gemv_available("cuda:0") is False
+        assert gemv.gemv_available("cuda:1") is False
     said = [r.getMessage() for r in caplog.records if "GEMV off" in r.getMessage()]
     assert len(said) == 1 and "--disable-cuda-malloc" in said[0], said
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    assert module.fp8_gemv_available("cuda:0") is (torch.version.hip is None)
+    assert gemv.gemv_available("cuda:0") is (torch.version.hip is None)
