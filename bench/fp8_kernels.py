@@ -294,9 +294,9 @@ def gemv_sweep_configs(tiny: bool) -> list[dict]:
 
 
 def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
-    """The FP8 GEMV kernel at each AR linear shape (M = 1) for every block shape of `gemv_sweep_configs`, inside
-    a CUDA graph over rotated weight copies; the bf16 F.linear, the autotuned op and the kernel on bf16 weights
-    beside them."""
+    """The GEMV kernel at each AR linear shape (M = 1) for every block shape of `gemv_sweep_configs` and the autotuned
+    op, inside a CUDA graph over rotated weight copies, on the e4m3 and / or the bf16 weights (`--gemv-weights`);
+    the bf16 F.linear (cuBLAS) beside them."""
     from glm_core import gemv
 
     interpreted = b.args.tiny and gemv.triton_importable() and os.environ.get("TRITON_INTERPRET") == "1"
@@ -339,9 +339,10 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
                                 if copy_gbps else None})
             return timings
 
-        timings = sweep("fp8", [None] + gemv_sweep_configs(b.args.tiny))
+        configs = [None] + gemv_sweep_configs(b.args.tiny)
+        timings = sweep("fp8", configs) if "fp8" in b.args.gemv_weights else []
         bf16_us = time_of(lambda: [F.linear(x, w.bf16, w.bias) for x, w in zip(inputs, weights)]) * 1e6
-        bf16_timings = sweep("bf16", [None] + gemv_sweep_configs(b.args.tiny))
+        bf16_timings = sweep("bf16", configs) if "bf16" in b.args.gemv_weights else []
         ranked = sorted((t for t in timings if "us" in t), key=lambda t: t["us"])
         ranked_bf16 = sorted((t for t in bf16_timings if "us" in t), key=lambda t: t["us"])
         b.report.set(f"results.gemv_sweep.{name}", {"n": n, "k": k, "bf16_linear_us": round(bf16_us, 2),
@@ -596,10 +597,16 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     p.add_argument("--only", default="", help="comma-separated phases: probe, ar.gemv, gemv.sweep, ar.layer, dit.gemm, "
                                               "dit.compiled (the ceilings always run)")
+    p.add_argument("--gemv-weights", default="fp8,bf16",
+                   help="gemv.sweep: the weight formats to sweep the kernel on (fp8, bf16 or both; each is about half "
+                        "of the phase's time: both did not fit 70 s on an H200 on 2026-11-30)")
     p.add_argument("--force-scaled-mm", action="store_true",
                    help="testing: run the fp8 variants even where fp8_matmul_supported is False (torch 2.13's CPU "
                         "build runs torch._scaled_mm), to exercise this script's fp8 code without a GPU")
     args = p.parse_args(argv)
+    args.gemv_weights = [w.strip() for w in args.gemv_weights.split(",") if w.strip()]
+    if not args.gemv_weights or set(args.gemv_weights) - {"fp8", "bf16"}:
+        p.error("--gemv-weights takes fp8, bf16 or fp8,bf16")
     if args.reps is None:
         args.reps = 3 if args.tiny else 20
     if args.reps < 1:

@@ -102,3 +102,11 @@ def test_tiny_gemv_sweep_in_the_triton_interpreter(tmp_path):
         # outputs rounded to bf16 (interpreter: truncated): ~2^-8 relative; a wrong block or mask is far off
         assert all(0 < t["err_vs_fp32"] < 8e-3 for t in timed + timed_bf16), (name, timed, timed_bf16)
         assert e["best"][0]["us"] == min(t["us"] for t in timed), name
+
+
+def test_tiny_gemv_sweep_of_bf16_weights_alone(tmp_path):
+    pytest.importorskip("triton", reason="the GEMV sweep needs the triton package (its CPU interpreter)")
+    data = _run(tmp_path, "--only", "gemv.sweep", "--gemv-weights", "bf16", env_extra={"TRITON_INTERPRET": "1"})
+    for name, e in data["results"]["gemv_sweep"].items():
+        assert e["all"] == [] and e["best"] == [], name
+        assert len([t for t in e["bf16_weights_all"] if "us" in t]) >= 2, name
