@@ -2,7 +2,7 @@
 
 ComfyUI starts PyTorch with `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync` on Nvidia cards; the CLI and the API
 run under PyTorch's own caching allocator ("native"). Under cudaMallocAsync the compiled decode layer launches its
-kernels from inductor's C++ wrapper (glm_core.ar.decode.under_cuda_malloc_async); a third child runs
+kernels from inductor's C++ wrapper (glm_core.memory.under_cuda_malloc_async); a third child runs
 cudaMallocAsync with compiling off (GLM_CORE_NO_COMPILE=1: what ComfyUI got before, the plain layers in the graph).
 Each child process loads the AR (bf16, all on the GPU), samples tokens for 512² twice, a batch of two, and 1024²
 twice (seeds differ; memory released between generations as ComfyUI does), and reports: the exit code (a capture

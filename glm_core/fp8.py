@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gemv import constant_per_device, gemv, one_static_row, uses_gemv
+from .gemv import constant_per_device, gemv, takes_gemv
 from .limits import WEIGHT_FORMATS
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -246,7 +246,7 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"Fp8Linear({self.in_features} -> {self.out_features}) got an input whose last "
                              f"dimension is {x.shape[-1]} (shape {tuple(x.shape)})")
         # a batch-1 decode step: a GEMV, bound by reading the weight
-        if x.dtype == torch.bfloat16 and one_static_row(x) and uses_gemv(str(x.device)):
+        if takes_gemv(x):
             return gemv(x, self.weight, self.weight_scale, self.bias)
         if _uses_scaled_mm(str(x.device)):
             return scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, use_fast_accum=self.use_fast_accum)

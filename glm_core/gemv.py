@@ -30,7 +30,7 @@ Where it runs (`gemv_available`)
     there the AR decode's CUDA graph capture of a layer calling this op killed the process (SIGSEGV inside the
     compiled layer's C++ wrapper, H200, 2026-11-30); the kernel is launched from Python by Triton's launcher, which
     checks each pointer with the driver, and memory allocated during a capture under cudaMallocAsync has no device
-    pointer yet (glm_core/ar/decode.py `under_cuda_malloc_async`: inductor's Python launchers fail the same way).
+    pointer yet (glm_core/memory.py `under_cuda_malloc_async`: inductor's Python launchers fail the same way).
     Those processes keep the library paths. This module imports without triton; the op is then not registered and
     `gemv_available` is False. On the CPU the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1), for
     tests. Who calls it: `Fp8Linear` and `GemvLinear` (below; the AR decoder's bf16 linears and its head), each for
@@ -52,6 +52,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .memory import under_cuda_malloc_async
 
 try:  # the kernel needs triton; everything else in glm_core must import without it
     import triton
@@ -78,12 +80,12 @@ def gemv_available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or triton is None or torch.version.hip is not None:
         return False
-    if torch.cuda.get_allocator_backend() == "cudaMallocAsync":
+    if under_cuda_malloc_async():
         if not _SAID_OFF_UNDER_CUDA_MALLOC_ASYNC:
             _SAID_OFF_UNDER_CUDA_MALLOC_ASYNC.append(True)
             log.info("one-row GEMV off: this process uses the cudaMallocAsync allocator (ComfyUI's default), under "
                      "which capturing it into the AR's CUDA graph crashed; decode steps take the library matmuls "
-                     "(on an H200 6.2 instead of 5.5 ms per token in bf16, 5.9 instead of 4.1 in FP8). ComfyUI's "
+                     "(on an H200 6.1 instead of 5.5 ms per token in bf16, 5.9 instead of 4.1 in FP8). ComfyUI's "
                      "--disable-cuda-malloc (PyTorch's own allocator) turns it on")
         return False
     return tuple(torch.cuda.get_device_capability(device)) >= (8, 9)
@@ -113,6 +115,12 @@ def one_static_row(x: torch.Tensor) -> bool:
     # Under torch.compile size-1 dims are plain ints (dynamo specialises them), so batch-1 decode steps trace as one
     # row while symbolic (dynamic) sizes take the matmul paths, without adding a guard.
     return all(isinstance(size, int) and size == 1 for size in x.shape[:-1])
+
+
+def takes_gemv(x: torch.Tensor) -> bool:
+    """Whether a layer's input goes through `gemv`: one static bf16 row on a device where the kernel runs (the
+    layer checks its own weight's format)."""
+    return x.dtype == torch.bfloat16 and one_static_row(x) and uses_gemv(str(x.device))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
@@ -232,7 +240,6 @@ class GemvLinear(nn.Linear):
     runs: the AR decoder's linears and its head in bf16, whose batch-1 decode steps are GEMVs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and one_static_row(x)
-                and uses_gemv(str(x.device))):
+        if self.weight.dtype == torch.bfloat16 and takes_gemv(x):
             return gemv(x, self.weight, None, self.bias)
         return F.linear(x, self.weight, self.bias)

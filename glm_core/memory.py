@@ -1,4 +1,4 @@
-"""GPU memory: how much a stage needs against what is free, and the error that says so.
+"""GPU memory: how much a stage needs against what is free, the error that says so, and which allocator runs.
 
 An out-of-memory error is never hidden (not by a compile fallback, not as a "corrupt file"): it becomes
 `NotEnoughGpuMemory`, which names what ran out, the memory needed against the memory free, and the
@@ -16,6 +16,22 @@ import torch
 GB = 1e9
 FIT_OPTIONS = ("load the weights as FP8 (weights='fp8') and/or run one stage at a time (placement='sequential'), "
                "choose a smaller image size, or close other programs that use the GPU")
+
+
+def under_cuda_malloc_async() -> bool:
+    """True under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards), where CUDA graph captures
+    differ in three ways (2026-11-29/30 on the H200):
+    - memory the capture itself allocates is a graph allocation that has no device pointer yet, and Python-side
+      kernel launchers (inductor's static launcher and Triton's) check every argument's pointer with
+      cuPointerGetAttribute: the AR decode's capture failed at the compiled layer's first kernel ("CUDA driver
+      error: invalid argument"). The C++ wrapper that inductor can generate instead launches without that check, so
+      the decode layer is compiled with it there (`glm_core.ar.decode.decode_layer_runner`): same kernels, 6.0
+      ms/token at 1024²;
+    - the one-row GEMV (glm_core/gemv.py), launched by Triton's Python launcher, killed the process in that capture,
+      so it is off there;
+    - freeing what a failed capture allocated aborts the process (`glm_core.ar.decode`'s
+      `_keep_leftovers_of_failed_capture`)."""
+    return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
 class NotEnoughGpuMemory(torch.OutOfMemoryError):

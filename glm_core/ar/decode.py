@@ -26,6 +26,7 @@ from torch import nn
 from . import sampling
 from ..compiling import compiled
 from ..fp8 import has_fp8_linears
+from ..memory import under_cuda_malloc_async
 from ..processor import ARInputs
 from .config import Sampling
 from .model import GlmImageAR, TextDecoderLayer
@@ -301,18 +302,6 @@ def cuda_graphs_supported() -> bool:
     `under_cuda_malloc_async` for what changes there) unless a capture already failed in this process under
     cudaMallocAsync (`_keep_leftovers_of_failed_capture`)."""
     return not _FAILED_CAPTURE_LEFTOVERS
-
-
-def under_cuda_malloc_async() -> bool:
-    """True under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards), where the decode's graph
-    differs in two ways (2026-11-29/30 on the H200):
-    - memory the capture itself allocates is a graph allocation that has no device pointer yet, and inductor's
-      Python-side kernel launchers (its static launcher and Triton's) check every argument's pointer with
-      cuPointerGetAttribute: the capture failed at the compiled layer's first kernel ("CUDA driver error:
-      invalid argument"). The C++ wrapper that inductor can generate instead launches without that check, so
-      the decode layer is compiled with it there (`decode_layer_runner`): same kernels, 6.0 ms/token at 1024²;
-    - freeing what a failed capture allocated aborts the process (`_keep_leftovers_of_failed_capture`)."""
-    return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
 # What a failed capture under cudaMallocAsync allocated: freeing it before the graph ever ran aborts the process

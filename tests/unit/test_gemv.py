@@ -278,6 +278,7 @@ def test_a_bf16_ar_decode_takes_the_gemv_in_every_linear_and_the_head_at_batch_o
 def test_the_gemv_is_not_used_under_cuda_malloc_async(monkeypatch, caplog):
     """Under cudaMallocAsync a CUDA graph capture of the op killed the process on the H200: there the layers keep the
     library paths, whatever the GPU, and the log says so once, with the way to turn it on in ComfyUI."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv, "triton", object())
