@@ -430,10 +430,10 @@ def phase_ar_layer(b: Bench, clock: Deadline) -> None:
     jobs = [("graph_eager" if b.on_cuda else "eager", variant, rows) for rows in b.shapes.ar_rows
             for variant in ["bf16"] + fp8_variants + ["dequant"]]
     if b.on_cuda:
-        # Compiled, one row first (a decode step): Fp8Linear's one-row reduction with and without inductor's
-        # coordinate-descent tuning (`graph_compiled_tuned`, what the FP8 decode layer compiles with), against
-        # `_scaled_mm`, bf16 through cuBLAS and bf16 as the same reduction. Fast accumulation is the same
-        # compiled code around the GEMM: measured eagerly only.
+        # Compiled, one row first (a decode step): Fp8Linear (the GEMV where it runs, else its one-row reduction) with
+        # and without inductor's coordinate-descent tuning (`graph_compiled_tuned`, what the FP8 decode layer
+        # compiles with), against `_scaled_mm`, bf16 through cuBLAS, bf16 through the GEMV (GemvLinear) and bf16 as
+        # inductor's reduction. Fast accumulation is the same compiled code around the GEMM: measured eagerly only.
         one_row = [("graph_compiled_tuned", "fp8"), ("graph_compiled", "fp8"), ("graph_compiled", "bf16"),
                    ("graph_compiled", "bf16_gemv"),
                    ("graph_compiled_tuned", "bf16"), ("graph_compiled_tuned", "bf16_one_row")]
