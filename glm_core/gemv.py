@@ -26,15 +26,15 @@ How the kernel is organised
 
 Where it runs (`gemv_available`)
     CUDA devices of compute capability >= 8.9 (native e4m3 conversion; measured on an H200 only), not ROCm (e4m3fnuz
-    there), with triton importable, and not under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards):
-    there the AR decode's CUDA graph capture of a layer calling this op killed the process (SIGSEGV inside the
-    compiled layer's C++ wrapper, H200, 2026-11-30); the kernel is launched from Python by Triton's launcher, which
-    checks each pointer with the driver, and memory allocated during a capture under cudaMallocAsync has no device
-    pointer yet (glm_core/memory.py `under_cuda_malloc_async`: inductor's Python launchers fail the same way).
-    Those processes keep the library paths. This module imports without triton; the op is then not registered and
-    `gemv_available` is False. On the CPU the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1), for
-    tests. Who calls it: `Fp8Linear` and `GemvLinear` (below; the AR decoder's bf16 linears and its head), each for
-    one static bf16 row (`one_static_row`).
+    there), with triton importable. Under the cudaMallocAsync allocator (ComfyUI's default on Nvidia cards) only
+    inside torch.compile'd code (`gemv_launchable`), where it is traced as a user-defined Triton kernel that inductor
+    compiles and launches with its own (from C++ under its C++ wrapper): the opaque op, launched by Triton's Python
+    launcher, killed the process when the AR decode's CUDA graph captured it there (SIGSEGV, H200, 2026-11-30), as
+    that launcher checks each pointer with the driver and memory allocated during a capture under cudaMallocAsync has
+    no device pointer yet (glm_core/memory.py `under_cuda_malloc_async`). Eager calls there take the library paths.
+    This module imports without triton; the op is then not registered and `gemv_available` is False. On the CPU the
+    kernel runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests. Who calls it: `Fp8Linear` and
+    `GemvLinear` (below; the AR decoder's bf16 linears and its head), each for one static bf16 row (`takes_gemv`).
 
 Torch op
     `torch.ops.glm_core.gemv(x, weight, weight_scale, bias)`: an opaque `torch.library.custom_op` with a fake
@@ -75,23 +75,31 @@ def triton_importable() -> bool:
 
 
 def gemv_available(device: torch.device | str) -> bool:
-    """True where `gemv` runs: CUDA (not ROCm), compute capability >= 8.9, triton importable, PyTorch's own
-    allocator (see the module docstring for cudaMallocAsync)."""
+    """True where `gemv` runs: CUDA (not ROCm), compute capability >= 8.9, triton importable (under cudaMallocAsync
+    only inside compiled code: `gemv_launchable`)."""
     device = torch.device(device)
     if device.type != "cuda" or triton is None or torch.version.hip is not None:
-        return False
-    if under_cuda_malloc_async():
-        if not _SAID_OFF_UNDER_CUDA_MALLOC_ASYNC:
-            _SAID_OFF_UNDER_CUDA_MALLOC_ASYNC.append(True)
-            log.info("one-row GEMV off: this process uses the cudaMallocAsync allocator (ComfyUI's default), under "
-                     "which capturing it into the AR's CUDA graph crashed; decode steps take the library matmuls "
-                     "(on an H200 6.1 instead of 5.5 ms per token in bf16, 5.9 instead of 4.1 in FP8). ComfyUI's "
-                     "--disable-cuda-malloc (PyTorch's own allocator) turns it on")
         return False
     return tuple(torch.cuda.get_device_capability(device)) >= (8, 9)
 
 
-_SAID_OFF_UNDER_CUDA_MALLOC_ASYNC: list = []  # said once per process
+# the allocator is fixed for the process: a constant when traced (no graph break)
+_traced_under_cuda_malloc_async = torch._dynamo.assume_constant_result(under_cuda_malloc_async)
+
+
+def gemv_launchable() -> bool:
+    """Whether a call here may launch the kernel: always under PyTorch's own allocator; under cudaMallocAsync only
+    while torch.compile traces, where inductor launches the kernel itself (see the module docstring)."""
+    if torch.compiler.is_compiling() or not under_cuda_malloc_async():
+        return True
+    if not _SAID_EAGER_OFF_UNDER_CUDA_MALLOC_ASYNC:
+        _SAID_EAGER_OFF_UNDER_CUDA_MALLOC_ASYNC.append(True)
+        log.info("one-row GEMV: not run outside compiled code under the cudaMallocAsync allocator (its capture into a "
+                 "CUDA graph crashed there); those steps take the library matmuls")
+    return False
+
+
+_SAID_EAGER_OFF_UNDER_CUDA_MALLOC_ASYNC: list = []  # said once per process
 
 
 def constant_per_device(check: Callable[[str], bool], memo: dict[str, bool]) -> Callable[[str], bool]:
@@ -120,15 +128,35 @@ def one_static_row(x: torch.Tensor) -> bool:
 def takes_gemv(x: torch.Tensor) -> bool:
     """Whether a layer's input goes through `gemv`: one static bf16 row on a device where the kernel runs (the
     layer checks its own weight's format)."""
-    return x.dtype == torch.bfloat16 and one_static_row(x) and uses_gemv(str(x.device))
+    return x.dtype == torch.bfloat16 and one_static_row(x) and uses_gemv(str(x.device)) and gemv_launchable()
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
          bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16 holding one row once the leading dims are folded -> (..., N) bf16."""
     out_features, in_features = weight.shape
-    y = torch.ops.glm_core.gemv(x.reshape(in_features), weight, weight_scale, bias)  # (N,)
+    if torch.compiler.is_compiling() and _traced_under_cuda_malloc_async():
+        y = _traced_gemv(x.reshape(in_features), weight, weight_scale, bias)
+    else:
+        y = torch.ops.glm_core.gemv(x.reshape(in_features), weight, weight_scale, bias)  # (N,)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _traced_gemv(x, weight, weight_scale, bias) -> torch.Tensor:
+    """The kernel called as a user-defined Triton kernel inside torch.compile: inductor compiles and launches it
+    with the layer's own kernels (from C++ under its C++ wrapper), not through Triton's Python launcher, whose
+    pointer checks fail on memory allocated during a CUDA graph capture under cudaMallocAsync."""
+    out_features, in_features = weight.shape
+    y = torch.empty(out_features, device=x.device, dtype=torch.bfloat16)
+
+    def grid(meta):
+        return (triton.cdiv(out_features, meta["BLOCK_N"]),)
+
+    # x stands in for an absent scale or bias: never read (HAS_SCALE / HAS_BIAS), and not the written y
+    AUTOTUNED[weight.dtype][grid](x, weight, weight_scale if weight_scale is not None else x,
+                                  bias if bias is not None else x, y, out_features, in_features,
+                                  HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None)
+    return y
 
 
 def check_inputs(x, weight, weight_scale, bias) -> None:
