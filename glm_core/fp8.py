@@ -28,8 +28,8 @@ Why dynamic per-token activation scales (FP8 matmul path)
     factor outside the sum over k. It is one reduction over x that torch.compile fuses with the cast.
 
 Three ways to run the matmul (chosen from the input's device and rows; `Fp8Linear.forward`)
-    - One row (a batch-1 decode step), bf16 x, CUDA compute capability >= 8.9 with triton, PyTorch's own allocator
-      (not cudaMallocAsync: glm_core/gemv.py says why): a Triton GEMV that reads each e4m3 byte once and widens it
+    - One row (a batch-1 decode step), bf16 x, CUDA compute capability >= 8.9 with triton (under cudaMallocAsync only
+      inside compiled code: glm_core/gemv.py says why): a Triton GEMV that reads each e4m3 byte once and widens it
       in registers, scale and bias in its epilogue (glm_core/gemv.py).
       A decode step's time is the weight bytes read, which this halves against bf16; the `_scaled_mm` path
       below reads e4m3 weights no faster than cuBLAS reads bf16 at one row. Weight-only: x is not quantised.

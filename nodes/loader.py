@@ -96,9 +96,8 @@ class LoadGlmImage:
                     "default": "auto",
                     "tooltip": "How the big layers are stored. bf16: as published (AR 17.8 GB, DiT 13.9 GB). fp8: "
                                "the AR's and the DiT's linear layers in FP8, half the memory, for 12-16 GB cards, "
-                               "and on cards with FP8 support faster token generation with ComfyUI started with "
-                               "--disable-cuda-malloc (measured on an H200, outside ComfyUI); slightly different "
-                               "images. auto: bf16 if the larger stage fits the GPU memory "
+                               "and on cards with FP8 support faster token generation (measured on an H200); slightly "
+                               "different images. auto: bf16 if the larger stage fits the GPU memory "
                                "ComfyUI could free for it (other models unload on demand), else fp8; a pre-quantised "
                                "folder is always fp8. The console says which."}),
                 "placement": (list(PLACEMENTS), {
