@@ -33,6 +33,8 @@ WINDOW_START = 400  # tokens: past the capture, the bounded queue full, the cach
 # Inductor names its fused kernels after the ops they hold, the GEMV op beside them among those: "triton_" first.
 KERNEL_GROUPS = [
     ("gemv_kernel", "linear: GEMV (ours, glm_core/gemv.py)"),
+    ("split_kernel", "attention (ours, glm_core/decode_attention.py)"),
+    ("combine_kernel", "attention (ours, glm_core/decode_attention.py)"),
     ("triton_", "inductor-fused: norms, rope, residuals, cache writes, attention inputs"),
     ("gemv", "linear: cuBLAS GEMV / GEMM"),
     ("gemm", "linear: cuBLAS GEMV / GEMM"),

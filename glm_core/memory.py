@@ -28,7 +28,8 @@ def under_cuda_malloc_async() -> bool:
       the decode layer is compiled with it there (`glm_core.ar.decode.decode_layer_runner`): same kernels, 6.0
       ms/token at 1024²;
     - the one-row GEMV (glm_core/gemv.py), launched by Triton's Python launcher, killed the process in that capture,
-      so it is off there;
+      so there it runs only inside compiled code, where inductor launches it (as it does the decode attention's
+      kernels, glm_core/decode_attention.py);
     - freeing what a failed capture allocated aborts the process (`glm_core.ar.decode`'s
       `_keep_leftovers_of_failed_capture`)."""
     return torch.cuda.is_available() and torch.cuda.get_allocator_backend() == "cudaMallocAsync"

@@ -3,7 +3,8 @@
 
 Attribute names mirror the checkpoint keys (spec §3.1) so `load_weights` needs no mapping
 (`model.language_model.*`, `lm_head.weight`), except q/k/v, which are fused as they load. The decoder's
-linears and the head are `GemvLinear`s: their batch-1 decode steps take the one-row GEMV (glm_core/gemv.py).
+linears and the head are `GemvLinear`s: their batch-1 decode steps take the one-row GEMV (glm_core/gemv.py); in
+the compiled decode layer on a GPU a token's attention is two kernels of our own (glm_core/decode_attention.py).
 
 The model holds no generation state. A `KVCache` (decode.py) is passed in explicitly.
 """
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import fuse_checkpoint_keys
+from ..decode_attention import attend as attend_one_token
+from ..decode_attention import takes_decode_attention
 from ..gemv import GemvLinear
 from .config import ARConfig, TextConfig
 from .vision import activation
@@ -41,7 +44,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     k, v (B, kv_heads, S, d); mask (B, 1, 1, S) bool or None -> (B, kv_heads, group, d).
 
     Eagerly, one SDPA call with the group's query heads as rows (no kernel has to expand the cache).
-    Inside the compiled decode layer, SDPA over all query heads with enable_gqa: there the rows form
+    Inside the compiled decode layer on GPUs where glm_core/decode_attention.py does not run, SDPA over all query
+    heads with enable_gqa: there the rows form
     picks a cuDNN kernel with only B * kv_heads thread blocks (H200, 1382 keys: 32 vs 6.7 µs per layer;
     6.1 vs 7.2 ms per decode token).
     """
@@ -104,11 +108,17 @@ class TextAttention(nn.Module):
         """
         b, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if cache_index is not None and takes_decode_attention(q):
+            # one decode token in compiled code: q's rotary, the GQA rows and the mask inside the kernels
+            k, v = layer_cache.write_at(cache_index, k, v)
+            out = attend_one_token(q.view(b, self.num_heads, self.head_dim), cos.reshape(b, -1),
+                                   sin.reshape(b, -1), k, v, attn_mask.reshape(b, -1))  # (B, heads, d)
+            return self.o_proj(out.view(b, 1, -1))
+        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
         if layer_cache is not None:
             if cache_index is None:
                 layer_cache.write_prefix(k, v)

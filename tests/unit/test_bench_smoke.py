@@ -344,3 +344,13 @@ def test_ar_profile_reports_a_decode_step_op_by_op(tmp_path, tiny_checkpoint):
         assert prof["busy_us_per_token"] <= prof["kernel_us_per_token"] * 1.01, weights
         assert prof["groups_us_per_token"]["linear: cuBLAS GEMV / GEMM"] > 0, weights
     assert (tmp_path / "ar_profile.md").read_text().startswith("# GLM-Image AR decode step")
+
+
+def test_ar_profile_groups_our_kernels_apart_from_inductors_and_the_libraries():
+    from bench.ar_profile import kernel_group
+
+    assert kernel_group("gemv_kernel") == "linear: GEMV (ours, glm_core/gemv.py)"
+    assert kernel_group("split_kernel") == kernel_group("combine_kernel") == "attention (ours, glm_core/decode_attention.py)"
+    assert kernel_group("triton_poi_fused_add_cat_index_copy_mul_neg_slice_1").startswith("inductor-fused")
+    assert kernel_group("cudnn_generated_fort_native_sdpa_sm80_flash_fprop") == "attention"
+    assert kernel_group("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_TNT") == "linear: cuBLAS GEMV / GEMM"
