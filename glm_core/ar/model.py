@@ -111,7 +111,7 @@ class TextAttention(nn.Module):
         k = k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         k = apply_rotary(k, cos, sin)
-        if cache_index is not None and takes_decode_attention(q):
+        if cache_index is not None and attn_mask is not None and takes_decode_attention(q):
             # one decode token in compiled code: q's rotary, the GQA rows and the mask inside the kernels
             k, v = layer_cache.write_at(cache_index, k, v)
             out = attend_one_token(q.view(b, self.num_heads, self.head_dim), cos.reshape(b, -1),
