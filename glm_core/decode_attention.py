@@ -73,17 +73,20 @@ def takes_decode_attention(q: torch.Tensor) -> bool:
 
 
 def attend(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           key_allowed: torch.Tensor) -> torch.Tensor:
+           key_allowed: torch.Tensor, *, split_slots: int = SPLIT_SLOTS, num_warps: int = 4) -> torch.Tensor:
     """q (B, heads, head_dim) bf16 before the rotary; cos, sin (B, rotary_dim) bf16; k_cache, v_cache
     (B, kv_heads, S, head_dim) bf16 holding this token's keys and values already; key_allowed (B, S) bool
-    -> out (B, heads, head_dim) bf16."""
+    -> out (B, heads, head_dim) bf16. split_slots (a multiple of BLOCK_SLOTS) and num_warps: for benchmarks
+    (bench/decode_attention.py)."""
+    if split_slots % BLOCK_SLOTS:
+        raise ValueError(f"split_slots must be a multiple of {BLOCK_SLOTS}, got {split_slots}")
     batch, heads, head_dim = q.shape
     _, kv_heads, slots, _ = k_cache.shape
     group = heads // kv_heads
     rotary_dim = cos.shape[-1]
     block_rows = max(16, triton.next_power_of_2(group))  # tensor-core tiles have at least 16 rows
     block_dim = max(16, triton.next_power_of_2(head_dim))
-    splits = triton.cdiv(slots, SPLIT_SLOTS)
+    splits = triton.cdiv(slots, split_slots)
     partial_out = torch.empty(batch * kv_heads, splits, block_rows, block_dim, device=q.device, dtype=torch.float32)
     partial_max = torch.empty(batch * kv_heads, splits, block_rows, device=q.device, dtype=torch.float32)
     partial_sum = torch.empty(batch * kv_heads, splits, block_rows, device=q.device, dtype=torch.float32)
@@ -94,13 +97,13 @@ def attend(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch
         q.stride(0), q.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_allowed.stride(0),
         slots, (1.0 / math.sqrt(head_dim)) * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, SPLIT_SLOTS=SPLIT_SLOTS,
+        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, SPLIT_SLOTS=split_slots,
         BLOCK_ROWS=block_rows, BLOCK_DIM=block_dim, BLOCK_SLOTS=BLOCK_SLOTS,
-        DOT_IN_FP32=interpreted, num_warps=1 if interpreted else 4)
+        DOT_IN_FP32=interpreted, num_warps=1 if interpreted else num_warps)
     combine_kernel[(batch * heads,)](
         partial_out, partial_max, partial_sum, out, out.stride(0), out.stride(1), splits,
         HEADS=heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SPLITS=COMBINE_BLOCK_SPLITS, BLOCK_ROWS=block_rows,
-        BLOCK_DIM=block_dim, num_warps=1 if interpreted else 4)
+        BLOCK_DIM=block_dim, num_warps=1 if interpreted else num_warps)
     return out
 
 

@@ -354,3 +354,23 @@ def test_ar_profile_groups_our_kernels_apart_from_inductors_and_the_libraries():
     assert kernel_group("triton_poi_fused_add_cat_index_copy_mul_neg_slice_1").startswith("inductor-fused")
     assert kernel_group("cudnn_generated_fort_native_sdpa_sm80_flash_fprop") == "attention"
     assert kernel_group("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_TNT") == "linear: cuBLAS GEMV / GEMM"
+
+
+def test_decode_attention_bench_times_every_variant_and_checks_it_against_sdpa(tmp_path):
+    """bench.decode_attention on the CPU (Triton's interpreter, tiny shapes): every case and variant timed, each
+    output compared with fp32 SDPA; the kernels' errors within bf16, and the report written."""
+    pytest.importorskip("triton", reason="the decode-attention kernels need the triton package (its CPU interpreter)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-m", "bench.decode_attention", "--tiny", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "decode_attention.json").read_text())
+    from bench.decode_attention import TINY_SHAPES
+
+    expected = [(slots, batch, name) for slots, batch in TINY_SHAPES.cases
+                for name in ["sdpa_eager"] + [f"ours s{s} w{w}" for s in TINY_SHAPES.split_slots
+                                              for w in TINY_SHAPES.warps]]
+    assert [(r["slots"], r["batch"], r["variant"]) for r in data["results"]] == expected
+    for result in data["results"]:
+        assert result["us_per_layer"] > 0 and result["relative_error"] < 2e-2, result
+    assert "| 70 | 2 | ours s64 w4 |" in (tmp_path / "decode_attention.md").read_text()
