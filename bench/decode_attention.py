@@ -174,10 +174,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed replays per variant (default 20; --tiny 2)")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     args = p.parse_args(argv)
-    if args.reps is None:
-        args.reps = 2 if args.tiny else 20
-    if args.reps < 1:
-        p.error("--reps must be at least 1")
+    harness.resolve_reps(p, args, tiny=2)
     return args
 
 

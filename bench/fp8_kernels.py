@@ -607,10 +607,7 @@ def parse_args(argv) -> argparse.Namespace:
     args.gemv_weights = [w.strip() for w in args.gemv_weights.split(",") if w.strip()]
     if not args.gemv_weights or set(args.gemv_weights) - {"fp8", "bf16"}:
         p.error("--gemv-weights takes fp8, bf16 or fp8,bf16")
-    if args.reps is None:
-        args.reps = 3 if args.tiny else 20
-    if args.reps < 1:
-        p.error("--reps must be at least 1")
+    harness.resolve_reps(p, args, tiny=3)
     return args
 
 

@@ -513,6 +513,14 @@ def open_report(args: argparse.Namespace, argv: list[str], module: str, stem: st
     return report, deadline, device
 
 
+def resolve_reps(parser: argparse.ArgumentParser, args: argparse.Namespace, *, tiny: int, full: int = 20) -> None:
+    """args.reps: `tiny` with --tiny and `full` otherwise when not given; at least 1."""
+    if args.reps is None:
+        args.reps = tiny if args.tiny else full
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+
+
 def start_run(args: argparse.Namespace) -> tuple["Deadline", torch.device]:
     """Line-buffered output, no autograd, the device, and the wall-clock budget."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")  # for child processes; this one is line-buffered below

@@ -9,15 +9,12 @@ kernels at the real model's shapes against PyTorch's SDPA, and inside a compiled
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from glm_core.decode_attention import decode_attention_available, takes_decode_attention
-from tests.paths import REPO_ROOT
+from tests.child_runs import run_child
 
 # (batch, heads, kv_heads, head_dim, rotary_dim, slots): the tiny AR's heads (4 over 2, rotary 16 of 32), the real
 # model's (32 over 2, rotary 64 of 128) at batch 2, no grouping nor rotary, and a cache of more splits than one
@@ -74,12 +71,7 @@ print("RESULTS " + json.dumps(results), flush=True)
 @pytest.fixture(scope="module")
 def interpreted_results():
     pytest.importorskip("triton", reason="the decode-attention kernel tests need the triton package (its CPU interpreter)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-    return json.loads(line[len("RESULTS "):])
+    return run_child(CHILD, json.dumps(CASES), tag="RESULTS", env={"TRITON_INTERPRET": "1"})
 
 
 def test_decode_attention_matches_a_float64_reference(interpreted_results):
@@ -165,11 +157,7 @@ def test_a_decoder_layer_takes_the_kernels_for_a_padded_batch_of_two(tiny_checkp
     """One decode step of the tiny AR's first layer, two items (one left-padded, each at its own rotary position):
     with the kernels (interpreted) the layer writes the same K/V slot and returns what SDPA gives, within bf16."""
     pytest.importorskip("triton", reason="the decode-attention kernel tests need the triton package (its CPU interpreter)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-c", CHILD_LAYER, str(tiny_checkpoint)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    result = run_child(CHILD_LAYER, str(tiny_checkpoint), env={"TRITON_INTERPRET": "1"})
     assert result["calls"] == [[2, result["heads"], result["head_dim"]]], result
     assert result["same_cache"] and result["error"] < 2e-2, result
 

@@ -10,9 +10,6 @@ and a CUDA graph, and Fp8Linear and GemvLinear taking it for one row.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ import torch
 from glm_core import fp8, gemv
 from glm_core.compiling import CPP_WRAPPER_OPTIONS
 from glm_core.gemv import GemvLinear, gemv_available
-from tests.paths import REPO_ROOT
+from tests.child_runs import run_child
 
 # (N, K, bias): N off the interpreter's 4-channel blocks (a partial last block), K off its 32-column steps (a
 # partial last step) and spanning several steps.
@@ -65,13 +62,8 @@ def within_rounding(error, reference, magnitude) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def interpreted_results():
     pytest.importorskip("triton", reason="the GEMV kernel tests need the triton package (its CPU interpreter)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
     cases = [[weights, *shape] for weights in ("fp8", "bf16") for shape in SHAPES]
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-    return json.loads(line[len("RESULTS "):])
+    return run_child(CHILD, json.dumps(cases), tag="RESULTS", env={"TRITON_INTERPRET": "1"})
 
 
 def test_gemv_matches_a_float64_reference_for_e4m3_and_bf16_weights(interpreted_results):
@@ -336,12 +328,7 @@ print("RESULT " + json.dumps({"traced": sorted({str(d) for d in traced}), "rel_b
 def test_on_the_gpu_under_cuda_malloc_async_compiled_layers_capture_the_traced_gemv():
     """ComfyUI's allocator: a compiled function of a bf16 and an FP8 layer (one row, C++ wrapper) runs the GEMV as a
     kernel inductor launches, is captured into a CUDA graph, and its replay computes from the new input."""
-    import json
-
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD_CUDA_MALLOC_ASYNC], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    result = run_child(CHILD_CUDA_MALLOC_ASYNC, env={"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"},
+                       timeout=900, faulthandler=True)
     assert result["traced"] == ["torch.bfloat16", "torch.float8_e4m3fn"], result
     assert result["rel_bf16"] < 1e-2 and result["rel_fp8"] < 1e-2, result
