@@ -111,6 +111,15 @@ import json, sys, warnings, torch
 warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: fail instead
 from glm_core import compiling, pipeline
 from glm_core.ar import decode
+def user_triton_kernels():
+    # the Triton kernels torch.compile traced as user-defined kernels in this process (glm_core's own kernels)
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    names = set()
+    for kernel in kernel_side_table.id_to_kernel.values():
+        while hasattr(kernel, "fn"):  # an Autotuner holds a JITFunction, which holds the Python function
+            kernel = kernel.fn
+        names.add(kernel.__name__)
+    return sorted(names)
 replays = [0]
 replay = torch.cuda.CUDAGraph.replay
 def counted_replay(graph):
@@ -130,7 +139,8 @@ print("RESULT " + json.dumps({
     "compiled": {w.name: w.fallback_reason for w in compiling._WRAPPERS.values()},
     "tokens": with_graph.numel(), "differing_tokens": len(differing),
     "first_difference": differing[0] if differing else None,
-    "same_tokens": bool(torch.equal(with_graph, without_graph))}), flush=True)
+    "same_tokens": bool(torch.equal(with_graph, without_graph)), "user_triton_kernels": user_triton_kernels()}),
+    flush=True)
 """
 
 
@@ -159,6 +169,14 @@ def test_cuda_graph_decode_with_compiled_layers_under_both_allocators(tiny_check
     assert result["compiled"] == {"AR decode layer": None}, result  # compiled, and it did not fall back
     assert result["graph_replays"] > 10 and result["replays_without_graph"] == 0, result
     assert result["same_tokens"], json.dumps(result)
+    from glm_core.decode_attention import decode_attention_available
+
+    if decode_attention_available("cuda"):  # the compiled layers took glm_core/decode_attention.py's kernels
+        assert {"split_kernel", "combine_kernel"} <= set(result["user_triton_kernels"]), result
+    from glm_core.gemv import gemv_available
+
+    if allocator == "cudaMallocAsync" and gemv_available("cuda"):  # there the GEMV is traced in, not an opaque op
+        assert "gemv_kernel" in result["user_triton_kernels"], result
 
 
 def test_a_failed_capture_under_cudamallocasync_is_kept_and_ends_graphs(monkeypatch):
