@@ -22,9 +22,7 @@ import datetime as _dt
 import functools
 import os
 import platform
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +34,7 @@ if __package__ in (None, ""):  # `python bench/decode_attention.py`
     __package__ = "bench"
 
 from bench import harness  # noqa: E402
-from bench.harness import Deadline, Report, log  # noqa: E402
+from bench.harness import Deadline, Report, graph_seconds, log  # noqa: E402
 from glm_core.ar.model import apply_rotary  # noqa: E402
 from glm_core.decode_attention import attend  # noqa: E402
 
@@ -104,35 +102,7 @@ def us_per_layer(attention, case: Case, reps: int, clock: Deadline) -> float:
         for k, v in case.caches:
             attention(case.q, case.cos, case.sin, k, v, case.allowed)
 
-    if case.q.device.type != "cuda":
-        seconds = []
-        for _ in range(reps):
-            clock.check("between timed runs")
-            start = time.perf_counter()
-            all_layers()
-            seconds.append(time.perf_counter() - start)
-        return statistics.median(seconds) / len(case.caches) * 1e6
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile, autotune and warm up outside the capture
-        for _ in range(3):
-            all_layers()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        all_layers()
-    for _ in range(3):
-        graph.replay()
-    seconds = []
-    for _ in range(reps):
-        clock.check("between timed replays")
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(seconds) / len(case.caches) * 1e6
+    return graph_seconds(all_layers, device=case.q.device, reps=reps, clock=clock) / len(case.caches) * 1e6
 
 
 def variants(shapes: Shapes, device: torch.device) -> dict:

@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # `python bench/fp8_kernels.py`
     __package__ = "bench"
 
 from bench import harness  # noqa: E402
-from bench.harness import Deadline, PhaseRunner, Report, fmt, log, measure  # noqa: E402
+from bench.harness import Deadline, PhaseRunner, Report, fmt, graph_seconds, log, measure  # noqa: E402
 from glm_core import fp8  # noqa: E402
 from glm_core.gemv import GemvLinear  # noqa: E402
 
@@ -168,32 +168,6 @@ def linear_fn(variant: str) -> Callable[[torch.Tensor, Weights], torch.Tensor]:
     raise ValueError(f"unknown variant {variant!r}")
 
 
-# --------------------------------------------------------------------------------------------
-# Timing inside a CUDA graph (launch gaps would otherwise dominate microsecond kernels)
-
-
-def graph_seconds(step: Callable[[], None], refill: Callable[[], None], b: Bench, clock: Deadline) -> float:
-    """Median seconds of one replay of a CUDA graph of `step` (on the CPU: of `step` itself).
-
-    `refill` writes fresh random values into the static inputs before every replay (outside the timing).
-    """
-    if not b.on_cuda:
-        return measure(lambda _: step(), device=b.device, setup=refill, warmup=1, reps=b.reps,
-                       deadline=clock).median
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS workspaces, torch.compile's compilation
-        for _ in range(3):
-            refill()
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return measure(lambda _: graph.replay(), device=b.device, setup=refill, warmup=3, reps=b.reps,
-                   deadline=clock).median
-
-
 def fresh_(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.normal_()
@@ -269,7 +243,8 @@ def phase_ar_gemv(b: Bench, clock: Deadline) -> None:
                     for i, (x, w) in enumerate(zip(inputs, weights)):
                         outputs[i] = fn(x, w)
 
-                seconds = graph_seconds(step, lambda inputs=inputs: fresh_(inputs), b, clock) / len(weights)
+                seconds = graph_seconds(step, device=b.device, reps=b.reps, clock=clock,
+                                        refill=lambda inputs=inputs: fresh_(inputs)) / len(weights)
                 # outputs[0] is what the last (graph) run computed from the inputs now in place
                 x, out = inputs[0], outputs[0]
                 gbps = probe.bytes(variant) / seconds / 1e9
@@ -312,7 +287,8 @@ def phase_gemv_sweep(b: Bench, clock: Deadline) -> None:
         outputs = [torch.empty(n, device=b.device, dtype=BF16) for _ in weights]
 
         def time_of(step) -> float:
-            return graph_seconds(step, lambda: fresh_(inputs), b, clock) / len(weights)
+            return graph_seconds(step, device=b.device, reps=b.reps, clock=clock,
+                                refill=lambda: fresh_(inputs)) / len(weights)
 
         def sweep(variant: str, configs: list) -> list[dict]:
             """The kernel on the e4m3 weights and their scales ("fp8") or on the bf16 weights ("bf16": against
@@ -457,7 +433,8 @@ def phase_ar_layer(b: Bench, clock: Deadline) -> None:
             for i, (layer, x) in enumerate(zip(layers, inputs)):
                 outputs[i] = run_layer(layer, x)
 
-        seconds = graph_seconds(step, lambda inputs=inputs: fresh_(inputs), b, clock) / len(layers)
+        seconds = graph_seconds(step, device=b.device, reps=b.reps, clock=clock,
+                                refill=lambda inputs=inputs: fresh_(inputs)) / len(layers)
         gbps = layers[0].weight_bytes() / seconds / 1e9
         entry = {"us": round(seconds * 1e6, 2), "gbps": _rate(gbps), "layer_copies": copies,
                  "fraction_of_copy_bw": round(gbps / copy_gbps, 3) if copy_gbps else None,

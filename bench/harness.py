@@ -160,6 +160,27 @@ def time_once(fn: Callable[[], object], device: torch.device, *, wall: bool = Fa
     return time.perf_counter() - t0
 
 
+def graph_seconds(step: Callable[[], None], *, device: torch.device, reps: int, clock: "Deadline",
+                  refill: Callable[[], None] | None = None) -> float:
+    """Median seconds of one replay of a CUDA graph of `step` (on the CPU: of `step` itself): launch gaps would
+    otherwise dominate microsecond kernels. `refill` writes fresh values into the static inputs before every
+    replay (outside the timing)."""
+    refill = refill or (lambda: None)
+    if device.type != "cuda":
+        return measure(lambda _: step(), device=device, setup=refill, warmup=1, reps=reps, deadline=clock).median
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS workspaces, torch.compile's compilation
+        for _ in range(3):
+            refill()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return measure(lambda _: graph.replay(), device=device, setup=refill, warmup=3, reps=reps, deadline=clock).median
+
+
 class Laps:
     """The parts of one whole run on the same clock as `time_once(wall=True)`: `lap()` synchronises and returns
     the seconds since the previous lap (or the start); `total` is the sum so far."""
