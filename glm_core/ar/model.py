@@ -111,19 +111,18 @@ class TextAttention(nn.Module):
         k = k.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         k = apply_rotary(k, cos, sin)
-        if cache_index is not None and attn_mask is not None and takes_decode_attention(q):
-            # one decode token in compiled code: q's rotary, the GQA rows and the mask inside the kernels
-            k, v = layer_cache.write_at(cache_index, k, v)
-            out = attend_one_token(q.view(b, self.num_heads, self.head_dim), cos.reshape(b, -1),
-                                   sin.reshape(b, -1), k, v, attn_mask.reshape(b, -1))  # (B, heads, d)
-            return self.o_proj(out.view(b, 1, -1))
-        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
         if layer_cache is not None:
             if cache_index is None:
                 layer_cache.write_prefix(k, v)
             else:
                 k, v = layer_cache.write_at(cache_index, k, v)
+        if cache_index is not None and attn_mask is not None and takes_decode_attention(q):
+            # one decode token in compiled code: q's rotary, the GQA rows and the mask inside the kernels
+            out = attend_one_token(q.view(b, self.num_heads, self.head_dim), cos.reshape(b, -1),
+                                   sin.reshape(b, -1), k, v, attn_mask.reshape(b, -1))  # (B, heads, d)
+            return self.o_proj(out.view(b, 1, -1))
+        q = q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
         group = self.num_heads // self.num_kv_heads
         if length == 1 and group > 1:
             # one decode token: the `group` query heads sharing a kv head become `group` query rows
