@@ -5,11 +5,8 @@
 
 Per weight format: the AR stage alone on the GPU, one whole 1024² generation to compile and capture, one more timed
 (ms per token over the whole generation), then a third with torch's profiler on for `--window` tokens from token
-400 on (the window starts and ends with a synchronisation, so it holds exactly the steps launched inside it).
-Reported per token: every kernel's time and launches, the kernels grouped by what they do, the GPU's busy time
-(the union of the kernels' intervals) and the wall time: the gap between the two is the GPU waiting between
-kernels. The profiler adds host work per launch, not GPU time: the kernel times are what a step costs, the window's
-wall time is not (the timed run's ms per token is).
+400 on (bench/kernel_profile.py says what is reported per token). The profiler adds host work per launch, not GPU
+time: the kernel times are what a step costs, the window's wall time is not (the timed run's ms per token is).
 Results: ar_profile.json (rewritten after each weight format) and ar_profile.md.
 """
 from __future__ import annotations
@@ -18,11 +15,11 @@ import argparse
 import json
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from bench import kernel_profile
 from bench.harness import time_once
 from glm_core import pipeline
 
@@ -52,84 +49,28 @@ KERNEL_GROUPS = [
 
 
 def kernel_group(name: str) -> str:
-    lowered = name.lower()
-    return next((group for fragment, group in KERNEL_GROUPS if fragment in lowered), "other")
-
-
-def busy_us(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals (µs)."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end <= reach:
-            continue
-        total += end - max(start, reach)
-        reach = end
-    return total
-
-
-def device_events(prof, on_cuda: bool) -> list[tuple[str, float, float]]:
-    """(name, start µs, end µs) of each GPU kernel (on the CPU: each top-level aten op)."""
-    out = []
-    for event in prof.events():
-        is_kernel = event.device_type == torch.autograd.DeviceType.CUDA
-        if on_cuda and not is_kernel:
-            continue
-        if not on_cuda and (is_kernel or not event.name.startswith("aten::") or event.cpu_parent is not None):
-            continue
-        out.append((event.name, float(event.time_range.start), float(event.time_range.end)))
-    return out
-
-
-def summarise(events: list[tuple[str, float, float]], steps: int, wall_s: float) -> dict:
-    per_name = defaultdict(lambda: [0, 0.0])
-    per_group = defaultdict(float)
-    for name, start, end in events:
-        per_name[name][0] += 1
-        per_name[name][1] += end - start
-        per_group[kernel_group(name)] += end - start
-    kernel_us = sum(us for _, us in per_name.values())
-    busy = busy_us([(start, end) for _, start, end in events])
-    top = sorted(per_name.items(), key=lambda item: -item[1][1])[:40]
-    return {
-        "steps": steps,
-        "wall_us_per_token_profiled": round(wall_s / steps * 1e6, 1),
-        "kernel_us_per_token": round(kernel_us / steps, 1),
-        "busy_us_per_token": round(busy / steps, 1),
-        "launches_per_token": round(sum(count for count, _ in per_name.values()) / steps, 1),
-        "groups_us_per_token": {group: round(us / steps, 1) for group, us in sorted(per_group.items(),
-                                                                                  key=lambda item: -item[1])},
-        "kernels": [{"name": name[:160], "group": kernel_group(name), "us_per_token": round(us / steps, 2),
-                     "launches_per_token": round(count / steps, 2), "us_per_launch": round(us / count, 2)}
-                    for name, (count, us) in top],
-    }
+    return kernel_profile.kernel_group(name, KERNEL_GROUPS)
 
 
 def profile_generation(model, cond, start_at: int, window: int, on_cuda: bool) -> dict:
     """One generation with the profiler on for `window` tokens from `start_at` (progress callbacks come every
     few tokens; the window is widened to the next one)."""
+    profiled = kernel_profile.Window(on_cuda)
     state = {}
 
     def progress(done: int, total: int) -> None:
-        if "prof" not in state and done >= min(start_at, total // 3):
-            if on_cuda:
-                torch.cuda.synchronize()
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if on_cuda:
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            state["prof"] = torch.profiler.profile(activities=activities)
-            state["prof"].start()
-            state["start"] = (done, time.perf_counter())
-        elif "prof" in state and "stop" not in state and done >= state["start"][0] + min(window, total // 3):
-            if on_cuda:
-                torch.cuda.synchronize()
-            state["stop"] = (done, time.perf_counter())
-            state["prof"].stop()
+        if not profiled.started and done >= min(start_at, total // 3):
+            profiled.start()
+            state["first"] = done
+        elif profiled.started and not profiled.stopped and done >= state["first"] + min(window, total // 3):
+            profiled.stop()
+            state["last"] = done
 
     pipeline.generate_tokens(model, cond, seed=11, progress=progress)
-    if "stop" not in state:
+    if not profiled.stopped:
         raise RuntimeError("the generation ended before the profiling window closed")
-    steps = state["stop"][0] - state["start"][0]
-    return summarise(device_events(state["prof"], on_cuda), steps, state["stop"][1] - state["start"][1])
+    return kernel_profile.summarise(profiled.events(), state["last"] - state["first"], profiled.wall_s,
+                                    KERNEL_GROUPS)
 
 
 def profile_weights(folder: str, weights: str, device: torch.device, size: int, window: int) -> dict:

@@ -7,6 +7,7 @@ phase errors. The FLOP / byte formulas behind the floors are checked against cou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -354,6 +355,52 @@ def test_ar_profile_groups_our_kernels_apart_from_inductors_and_the_libraries():
     assert kernel_group("triton_poi_fused_add_cat_index_copy_mul_neg_slice_1").startswith("inductor-fused")
     assert kernel_group("cudnn_generated_fort_native_sdpa_sm80_flash_fprop") == "attention"
     assert kernel_group("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_TNT") == "linear: cuBLAS GEMV / GEMM"
+
+
+def test_dit_profile_reports_a_guided_step_op_by_op_per_variant(tmp_path, tiny_checkpoint):
+    """bench.dit_profile on the CPU: each variant timed through the denoise loop and profiled, the profile's times
+    per step adding up, matmuls and attention found and rated against the ceiling, the velocity compared with the
+    first variant's (zero for itself, small but not zero for FP8)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, "-m", "bench.dit_profile", "--tiny", "--model", str(tiny_checkpoint),
+                           "--variants", "bf16,fp8", "--steps", "2", "--reps", "1", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "dit_profile.json").read_text())
+    assert list(data["results"]) == ["bf16", "fp8"] and data["ceilings"]["bf16_matmul_tflops"] > 0
+    for name, result in data["results"].items():
+        prof = result["profile"]
+        assert _positive(result["s_per_step"]) and prof["steps"] == 2, name
+        total = sum(prof["groups_us_per_step"].values())
+        assert math.isclose(total, prof["kernel_us_per_step"], rel_tol=0.01), name
+        assert prof["groups_us_per_step"]["matmul"] > 0 and prof["groups_us_per_step"]["attention"] > 0, name
+        assert result["rates"]["matmul_tflops_achieved"] > 0 and result["rates"]["floor_s_per_step"] > 0, name
+    assert data["results"]["bf16"]["velocity_relative_error"] == 0.0
+    assert 0 < data["results"]["fp8"]["velocity_relative_error"] < 0.1
+    assert (tmp_path / "dit_profile.md").read_text().startswith("# GLM-Image DiT guided step")
+
+
+def test_dit_profile_variants_are_parsed_and_bad_ones_refused():
+    from bench.dit_profile import guided_step_flops, parse_variant
+    from glm_core.dit.config import DiTConfig
+
+    assert parse_variant("fp8+fast@cudnn") == {"name": "fp8+fast@cudnn", "weights": "fp8", "fast_accum": True,
+                                               "attention": "cudnn"}
+    assert parse_variant("bf16") == {"name": "bf16", "weights": "bf16", "fast_accum": False, "attention": None}
+    for bad in ("bf16+fast", "fp16", "fp8+slow", "bf16@fa3"):
+        with pytest.raises(ValueError, match="variant"):
+            parse_variant(bad)
+    # the real DiT at 1024² (spec: 30 blocks of dim 4096; 4096 image tokens): ~117 TFLOP per guided step with 64
+    # glyph tokens, as counted in ../shared/reference/baseline-h100.md (116 TFLOP)
+    config = type("Config", (), {"inner_dim": 4096, "num_layers": 30})()
+    flops = guided_step_flops(config, 64, 4096, 1.5)
+    assert flops["sequence_lengths"] == [4160, 4097]
+    assert 115 < flops["matmul_tflop"] + flops["attention_tflop"] < 118
+    assert guided_step_flops(config, 64, 4096, 1.0)["sequence_lengths"] == [4160]
+    # the fields counted exist on the real config class
+    assert "num_layers" in {field.name for field in dataclasses.fields(DiTConfig)}
+    assert isinstance(DiTConfig.inner_dim, property)
 
 
 def test_decode_attention_bench_times_every_variant_and_checks_it_against_sdpa(tmp_path):
