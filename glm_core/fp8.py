@@ -317,9 +317,10 @@ def stored_in_fp8(component_dir) -> bool:
     return any(key.endswith(".weight_scale") for key in read_headers(component_dir))
 
 
-def use_fp8_linears_(model: nn.Module, pattern, weights: str, component_dir) -> None:
+def use_fp8_linears_(model: nn.Module, pattern, weights: str, component_dir, *, use_fast_accum: bool = False) -> None:
     """Before loading: turn the meta-built model's linears whose names fully match `pattern` into FP8 layers when
-    `weights` is "fp8". A pre-quantised component can only load as FP8 (clear error otherwise)."""
+    `weights` is "fp8" (`use_fast_accum`: their `_scaled_mm` calls, see `Fp8Linear`). A pre-quantised component can
+    only load as FP8 (clear error otherwise)."""
     from .checkpoint import CheckpointError
 
     if weights not in WEIGHT_FORMATS:
@@ -330,4 +331,4 @@ def use_fp8_linears_(model: nn.Module, pattern, weights: str, component_dir) -> 
                                   "weights='fp8' (or 'auto')")
         return
     fp8_structure_(model, [name for name, child in model.named_modules()
-                           if isinstance(child, nn.Linear) and pattern.fullmatch(name)])
+                           if isinstance(child, nn.Linear) and pattern.fullmatch(name)], use_fast_accum=use_fast_accum)

@@ -388,3 +388,29 @@ def test_fp8_structure_refuses_what_it_cannot_replace():
     fp8.fp8_structure_(block, ["attn.qkv", "mlp.0"])
     assert isinstance(block.attn["qkv"], fp8.Fp8Linear) and block.attn["qkv"].weight.is_meta
     assert block.attn["qkv"].bias is not None and type(block.head) is nn.Linear
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+def test_dit_fp8_matmuls_ask_for_fast_accumulation_and_the_ars_do_not(demo_folder, monkeypatch):
+    """The DiT blocks' FP8 linears call `_scaled_mm` with fast accumulation (measured as accurate and faster on the
+    H200: glm_core/dit/model.py FP8_FAST_ACCUM); the AR's keep fp32 promotion (its prompt rows only: its decode
+    rows take the GEMV)."""
+    from glm_core.ar.model import load_ar
+    from glm_core.dit.model import load_dit
+
+    calls = []
+    real = torch._scaled_mm
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("use_fast_accum"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    _force_path(monkeypatch, True)
+    dit = load_dit(demo_folder, "cpu", torch.bfloat16, weights="fp8", compile=False)
+    linear = dit.transformer_blocks[0].attn1.to_q
+    linear(torch.randn(3, linear.in_features).to(torch.bfloat16))
+    ar = load_ar(demo_folder, "cpu", torch.bfloat16, weights="fp8", compile=False)
+    linear = ar.model.language_model.layers[0].self_attn.qkv_proj
+    linear(torch.randn(3, linear.in_features).to(torch.bfloat16))
+    assert calls == [True, False]
