@@ -103,13 +103,8 @@ def render_markdown(data: dict) -> str:
         lines += [f"## {weights}: {result['ms_per_token']} ms/token over a whole {result['size']}² generation "
                   f"({result['tokens']} tokens)", "",
                   f"Profiled window: {prof['steps']} tokens; per token: kernels {prof['kernel_us_per_token']} µs, "
-                  f"GPU busy {prof['busy_us_per_token']} µs, {prof['launches_per_token']} launches.", "",
-                  "| group | µs per token |", "|---|---|"]
-        lines += [f"| {group} | {us} |" for group, us in prof["groups_us_per_token"].items()]
-        lines += ["", "| kernel | group | µs/token | launches/token | µs/launch |", "|---|---|---|---|---|"]
-        lines += [f"| `{k['name'][:90]}` | {k['group']} | {k['us_per_token']} | {k['launches_per_token']} | "
-                  f"{k['us_per_launch']} |" for k in prof["kernels"][:25]]
-        lines.append("")
+                  f"GPU busy {prof['busy_us_per_token']} µs, {prof['launches_per_token']} launches.", ""]
+        lines += kernel_profile.markdown_tables(prof, "token", top=25) + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -261,13 +261,8 @@ def render_markdown(data: dict) -> str:
         prof = result["profile"]
         lines += [f"## {name}", "",
                   f"Per guided step: kernels {prof['kernel_us_per_step']} µs, GPU busy {prof['busy_us_per_step']} µs, "
-                  f"profiled wall {prof['wall_us_per_step_profiled']} µs, {prof['launches_per_step']} launches.", "",
-                  "| group | µs per step |", "|---|---|"]
-        lines += [f"| {group} | {us} |" for group, us in prof["groups_us_per_step"].items()]
-        lines += ["", "| kernel | group | µs/step | launches/step | µs/launch |", "|---|---|---|---|---|"]
-        lines += [f"| `{k['name'][:90]}` | {k['group']} | {k['us_per_step']} | {k['launches_per_step']} | "
-                  f"{k['us_per_launch']} |" for k in prof["kernels"][:20]]
-        lines.append("")
+                  f"profiled wall {prof['wall_us_per_step_profiled']} µs, {prof['launches_per_step']} launches.", ""]
+        lines += kernel_profile.markdown_tables(prof, "step", top=20) + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -72,6 +72,16 @@ def summarise(events: list[tuple[str, float, float]], units: int, wall_s: float,
     }
 
 
+def markdown_tables(profile: dict, unit: str = "token", top: int = 25) -> list[str]:
+    """The groups and the `top` kernels of a `summarise` result as two markdown tables (lines)."""
+    lines = [f"| group | µs per {unit} |", "|---|---|"]
+    lines += [f"| {group} | {us} |" for group, us in profile[f"groups_us_per_{unit}"].items()]
+    lines += ["", f"| kernel | group | µs/{unit} | launches/{unit} | µs/launch |", "|---|---|---|---|---|"]
+    lines += [f"| `{k['name'][:90]}` | {k['group']} | {k[f'us_per_{unit}']} | {k[f'launches_per_{unit}']} | "
+              f"{k['us_per_launch']} |" for k in profile["kernels"][:top]]
+    return lines
+
+
 class Window:
     """Torch's profiler between two synchronisations: `start()`, the work, `stop()`; then `events` and `wall_s`."""
 
