@@ -6,7 +6,8 @@ loop (the one the pipeline runs).
 
 A variant is a weight format, optionally "+fast" (FP8 matmuls with cuBLAS's fast accumulation, `use_fast_accum`:
 the tensor cores' own accumulator for the whole K instead of promoting partial sums to fp32; changes numbers, so
-its velocity error against bf16 is reported beside its speed) and optionally "@flash" / "@cudnn" / "@efficient"
+its velocity error against bf16 is reported beside its speed; glm_core's FP8 DiT uses it since 2026-11-30), "+sgelu"
+and "+rowmax" (candidate elementwise changes, bench/dit_experiments.py) and optionally "@flash" / "@cudnn" / "@efficient"
 (the SDPA backend forced while the DiT block compiles: dynamo is reset and the on-disk compile caches are bypassed
 for such a variant, so its graph is traced under that backend; the attention kernels' names in the profile show
 which one ran). Per variant: the DiT, glyph encoder loaded on the GPU (all resident), one prompt's glyph
@@ -67,18 +68,26 @@ def kernel_group(name: str) -> str:
     return kernel_profile.kernel_group(name, KERNEL_GROUPS)
 
 
+FLAGS = {"fast": "fast FP8 accumulation", "sgelu": "GELU in its sigmoid form (bench/dit_experiments.py)",
+         "rowmax": "FP8 MLP input scales from the row maxima before the GELU (bench/dit_experiments.py)"}
+FP8_ONLY_FLAGS = ("fast", "rowmax")
+
+
 def parse_variant(text: str) -> dict:
-    """"fp8+fast@cudnn" -> {"weights": "fp8", "fast_accum": True, "attention": "cudnn"}."""
+    """"fp8+fast+rowmax@cudnn" -> {"weights": "fp8", "fast_accum": True, "experiments": {"rowmax"},
+    "attention": "cudnn"}."""
     rest, _, attention = text.partition("@")
     weights, *flags = rest.split("+")
-    if weights not in ("bf16", "fp8") or any(flag != "fast" for flag in flags):
-        raise ValueError(f"variant {text!r}: expected bf16 or fp8, then optionally +fast, then optionally "
-                         f"@{'/@'.join(SDPA_BACKENDS)}")
-    if "fast" in flags and weights != "fp8":
-        raise ValueError(f"variant {text!r}: +fast (fast FP8 accumulation) needs fp8 weights")
+    if weights not in ("bf16", "fp8") or any(flag not in FLAGS for flag in flags):
+        raise ValueError(f"variant {text!r}: expected bf16 or fp8, then optionally +{'/+'.join(FLAGS)}, then "
+                         f"optionally @{'/@'.join(SDPA_BACKENDS)}")
+    needs_fp8 = [flag for flag in flags if flag in FP8_ONLY_FLAGS]
+    if needs_fp8 and weights != "fp8":
+        raise ValueError(f"variant {text!r}: +{needs_fp8[0]} ({FLAGS[needs_fp8[0]]}) needs fp8 weights")
     if attention and attention not in SDPA_BACKENDS:
         raise ValueError(f"variant {text!r}: unknown attention backend {attention!r}; one of {list(SDPA_BACKENDS)}")
-    return {"name": text, "weights": weights, "fast_accum": "fast" in flags, "attention": attention or None}
+    return {"name": text, "weights": weights, "fast_accum": "fast" in flags,
+            "experiments": {flag for flag in flags if flag != "fast"}, "attention": attention or None}
 
 
 def guided_step_flops(config, text_tokens: int, image_tokens: int, guidance: float) -> dict:
@@ -143,6 +152,24 @@ def attention_backend(name: str | None):
             yield
     finally:
         torch._inductor.config.fx_graph_cache, torch._functorch.config.enable_autograd_cache = saved
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def experiments_installed(dit: torch.nn.Module, names: set[str]):
+    """bench/dit_experiments.py's named changes on the DiT's blocks for the variant, dynamo reset around them (the
+    blocks share one compiled function, whose recompile limit the changed modules would otherwise use up)."""
+    if not names:
+        yield
+        return
+    from bench import dit_experiments
+
+    torch._dynamo.reset()
+    undo = dit_experiments.install(dit, names)
+    try:
+        yield
+    finally:
+        dit_experiments.remove(undo)
         torch._dynamo.reset()
 
 
@@ -321,7 +348,7 @@ def main(argv=None) -> int:
                 loaded = (variant["weights"], model, Workload(model, size, args.steps, seed=7))
             workload = loaded[2]
             set_fast_accum(workload.dit, variant["fast_accum"])
-            with attention_backend(variant["attention"]):
+            with attention_backend(variant["attention"]), experiments_installed(workload.dit, variant["experiments"]):
                 result = profile_variant(workload, args.reps, clock)
                 velocity = workload.velocity()
             if first_velocity is None:
