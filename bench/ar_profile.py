@@ -11,11 +11,8 @@ Results: ar_profile.json (rewritten after each weight format) and ar_profile.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -109,24 +106,11 @@ def render_markdown(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="GLM-Image checkpoint folder (default with --tiny: a tiny random one)")
-    p.add_argument("--tiny", action="store_true", help="CPU, tiny checkpoint, 512² (smoke test)")
+    p = kernel_profile.profile_arguments(__doc__.splitlines()[0], tiny_size=512)
     p.add_argument("--weights", default="bf16,fp8")
     p.add_argument("--window", type=int, default=128, help="tokens profiled")
-    p.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
-    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    folder = args.model
-    if folder is None:
-        if not args.tiny:
-            p.error("--model is required on the GPU")
-        from glm_core.demo_checkpoint import write_demo_checkpoint
-
-        folder = write_demo_checkpoint(out / "tiny-checkpoint")
+    device, out, folder = kernel_profile.start_profile(p, args)
     data = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "model": str(folder)}, "results": {}}

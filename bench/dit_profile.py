@@ -23,13 +23,10 @@ Results: dit_profile.json (rewritten after each variant) and dit_profile.md.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -294,33 +291,20 @@ def render_markdown(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="GLM-Image checkpoint folder (default with --tiny: a tiny random one)")
-    p.add_argument("--tiny", action="store_true", help="CPU, tiny checkpoint, 256² (smoke test)")
+    p = kernel_profile.profile_arguments(__doc__.splitlines()[0], tiny_size=256)
     p.add_argument("--variants", default="bf16,fp8,fp8+fast")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; --tiny 256)")
     p.add_argument("--steps", type=int, default=5, help="guided steps per timed run")
     p.add_argument("--reps", type=int, default=3, help="timed runs per variant")
     p.add_argument("--budget-s", type=float, default=400.0)
-    p.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = p.parse_args(argv)
     try:
         variants = [parse_variant(v.strip()) for v in args.variants.split(",") if v.strip()]
     except ValueError as exc:
         p.error(str(exc))
-    torch.set_grad_enabled(False)
     clock = Deadline(args.budget_s)
-    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
+    device, out, folder = kernel_profile.start_profile(p, args)
     size = args.size or (256 if args.tiny else 1024)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    folder = args.model
-    if folder is None:
-        if not args.tiny:
-            p.error("--model is required on the GPU")
-        from glm_core.demo_checkpoint import write_demo_checkpoint
-
-        folder = write_demo_checkpoint(out / "tiny-checkpoint")
     ceilings = {"bf16_matmul_tflops": _sig(harness.matmul_tflops(device, n=512 if args.tiny else 8192))}
     for fast in (False, True):
         rate = fp8_matmul_tflops(device, fast_accum=fast)

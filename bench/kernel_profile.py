@@ -8,13 +8,42 @@ between busy and wall is the GPU waiting between kernels. On the CPU the "kernel
 """
 from __future__ import annotations
 
+import argparse
+import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 Groups = Sequence[tuple[str, str]]  # (lower-case name fragment, group); the first match wins
+
+
+def profile_arguments(description: str, tiny_size: int) -> argparse.ArgumentParser:
+    """--model, --tiny and --out, as both profiles take them."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", help="GLM-Image checkpoint folder (default with --tiny: a tiny random one)")
+    p.add_argument("--tiny", action="store_true", help=f"CPU, tiny checkpoint, {tiny_size}² (smoke test)")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    return p
+
+
+def start_profile(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, Path, str]:
+    """No autograd; the device (the CPU with --tiny, else the current GPU), the output folder (made) and the
+    checkpoint folder (--model, or with --tiny a tiny random one written there)."""
+    torch.set_grad_enabled(False)
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = args.model
+    if folder is None:
+        if not args.tiny:
+            p.error("--model is required on the GPU")
+        from glm_core.demo_checkpoint import write_demo_checkpoint
+
+        folder = write_demo_checkpoint(out / "tiny-checkpoint")
+    return device, out, str(folder)
 
 
 def kernel_group(name: str, groups: Groups) -> str:
