@@ -17,11 +17,7 @@ num_warps W, launched eagerly inside the graph).
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import functools
-import os
-import platform
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +30,7 @@ if __package__ in (None, ""):  # `python bench/decode_attention.py`
     __package__ = "bench"
 
 from bench import harness  # noqa: E402
-from bench.harness import Deadline, Report, graph_seconds, log  # noqa: E402
+from bench.harness import Deadline, graph_seconds  # noqa: E402
 from glm_core.ar.model import apply_rotary  # noqa: E402
 from glm_core.decode_attention import attend  # noqa: E402
 
@@ -115,69 +111,24 @@ def variants(shapes: Shapes, device: torch.device) -> dict:
 
 
 def render_markdown(data: dict) -> str:
-    versions = data.get("versions") or {}
-    lines = [f"# Decode attention, one token, per layer ({data.get('mode', '')})", "",
-             f"- GPU: {data.get('gpu')}", f"- date: {data.get('date')}", f"- command: `{data.get('command')}`",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
-    lines += ["", "| slots | batch | variant | µs per layer | rel. error vs fp32 SDPA |", "|---|---|---|---|---|"]
-    for r in data.get("results", []):
-        lines.append(f"| {r['slots']} | {r['batch']} | {r['variant']} | {r['us_per_layer']:.2f} | "
-                     f"{r['relative_error']:.2e} |")
-    if data.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except Exception:  # noqa: BLE001
-        return None
-    return triton.__version__
-
-
-def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="small shapes on the CPU (with TRITON_INTERPRET=1)")
-    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="folder for decode_attention.json / .md")
-    p.add_argument("--budget-s", type=float, default=100.0)
-    p.add_argument("--reps", type=int, default=None, help="timed replays per variant (default 20; --tiny 2)")
-    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    args = p.parse_args(argv)
-    harness.resolve_reps(p, args, tiny=2)
-    return args
+    return harness.kernel_bench_markdown(data, "Decode attention, one token, per layer", [
+        ("slots", "slots", ""), ("batch", "batch", ""), ("variant", "variant", ""),
+        ("us_per_layer", "µs per layer", ".2f"), ("relative_error", "rel. error vs fp32 SDPA", ".2e")])
 
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    deadline, device = harness.start_run(args)
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("on the CPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1")
+    args, deadline, device, report = harness.start_kernel_bench(argv, "bench.decode_attention", __doc__, 100.0,
+                                                                render_markdown)
     shapes = TINY_SHAPES if args.tiny else Shapes()
-    meta = {"gpu": harness.device_name(device),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join(["python", "-m", "bench.decode_attention"] + argv),
-            "mode": "tiny, CPU interpreter" if args.tiny else f"real shapes, {device.type}",
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
-                         "python": platform.python_version()},
-            "shapes": asdict(shapes), "results": []}
-    report = Report(Path(args.out) if args.out else None, STEM, meta, render_markdown)
+    report.data["shapes"] = asdict(shapes)
     torch.manual_seed(0)
     for slots, batch in shapes.cases:
         case = make_case(shapes, slots, batch, device)
-        for name, attention in variants(shapes, device).items():
-            if deadline.remaining() < 5:
-                report.note(f"budget spent: {name} at {slots} slots, batch {batch} and later variants not run")
-                break
-            result = {"slots": slots, "batch": batch, "variant": name,
-                      "us_per_layer": round(us_per_layer(attention, case, args.reps, deadline), 3),
-                      "relative_error": relative_error(attention, case)}
-            report.data["results"].append(result)
-            report.write()
-            log(f"  {slots} slots, batch {batch}, {name}: {result['us_per_layer']:.2f} µs per layer, "
-                f"rel. error {result['relative_error']:.1e}", deadline)
-        del case
+        harness.time_kernel_variants(report, deadline, {"slots": slots, "batch": batch}, variants(shapes, device),
+                                     lambda step: us_per_layer(step, case, args.reps, deadline),
+                                     lambda step: relative_error(step, case))
+        case = None  # its 40 layers of tensors go before the next case is made
         harness.free_memory()
     print(render_markdown(report.data), flush=True)
     return harness.finish(report, STEM, deadline)

@@ -21,10 +21,6 @@ Each variant's output is compared with the float64 computation (relative max err
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import os
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +33,7 @@ if __package__ in (None, ""):  # `python bench/gemv_prologues.py`
     __package__ = "bench"
 
 from bench import harness  # noqa: E402
-from bench.harness import Deadline, Report, graph_seconds, log  # noqa: E402
+from bench.harness import Deadline, graph_seconds  # noqa: E402
 from glm_core import gemv as glm_gemv  # noqa: E402
 from glm_core.fp8 import quantize_weight  # noqa: E402
 
@@ -207,63 +203,25 @@ def us_per_layer(step, case: Case, reps: int, clock: Deadline) -> float:
 
 
 def render_markdown(data: dict) -> str:
-    versions = data.get("versions") or {}
-    lines = [f"# GEMVs with their input made as they load ({data.get('mode', '')})", "",
-             f"- GPU: {data.get('gpu')}", f"- date: {data.get('date')}", f"- command: `{data.get('command')}`",
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
-    lines += ["", "| case | weights | variant | µs per layer | rel. error vs float64 |", "|---|---|---|---|---|"]
-    for r in data.get("results", []):
-        lines.append(f"| {r['case']} | {r['weights']} | {r['variant']} | {r['us_per_layer']:.2f} | "
-                     f"{r['relative_error']:.2e} |")
-    if data.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="small shapes on the CPU (with TRITON_INTERPRET=1)")
-    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="folder for gemv_prologues.json / .md")
-    p.add_argument("--budget-s", type=float, default=120.0)
-    p.add_argument("--reps", type=int, default=None, help="timed replays per variant (default 20; --tiny 2)")
-    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    args = p.parse_args(argv)
-    harness.resolve_reps(p, args, tiny=2)
-    return args
+    return harness.kernel_bench_markdown(data, "GEMVs with their input made as they load", [
+        ("case", "case", ""), ("weights", "weights", ""), ("variant", "variant", ""),
+        ("us_per_layer", "µs per layer", ".2f"), ("relative_error", "rel. error vs float64", ".2e")])
 
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if triton is None:
-        raise SystemExit("bench.gemv_prologues needs the triton package")
-    deadline, device = harness.start_run(args)
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("on the CPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1")
+    args, deadline, device, report = harness.start_kernel_bench(argv, "bench.gemv_prologues", __doc__, 120.0,
+                                                                render_markdown)
     shapes = TINY_SHAPES if args.tiny else Shapes()
-    meta = {"gpu": harness.device_name(device),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join(["python", "-m", "bench.gemv_prologues"] + argv),
-            "mode": "tiny, CPU interpreter" if args.tiny else f"real shapes, {device.type}",
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-                         "python": platform.python_version()}, "results": []}
-    report = Report(Path(args.out) if args.out else None, STEM, meta, render_markdown)
     torch.manual_seed(0)
     for name in ("qkv+norm", "down+silu·up"):
         for weights in ("bf16", "e4m3"):
             case = make_case(shapes, name, weights, device)
-            for variant, step in variants(case, shapes, device).items():
-                if deadline.remaining() < 5:
-                    report.note(f"budget spent: {name} {weights} {variant} and later variants not run")
-                    break
-                result = {"case": name, "weights": weights, "variant": variant,
-                          "us_per_layer": round(us_per_layer(step, case, args.reps, deadline), 3),
-                          "relative_error": relative_error(step, case)}
-                report.data["results"].append(result)
-                report.write()
-                log(f"  {name} {weights} {variant}: {result['us_per_layer']:.2f} µs per layer, "
-                    f"rel. error {result['relative_error']:.1e}", deadline)
-            del case
+            harness.time_kernel_variants(report, deadline, {"case": name, "weights": weights},
+                                         variants(case, shapes, device),
+                                         lambda step: us_per_layer(step, case, args.reps, deadline),
+                                         lambda step: relative_error(step, case))
+            case = None  # its 40 layers of weights go before the next case is made
             harness.free_memory()
     print(render_markdown(report.data), flush=True)
     return harness.finish(report, STEM, deadline)

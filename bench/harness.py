@@ -559,6 +559,73 @@ def start_run(args: argparse.Namespace) -> tuple["Deadline", torch.device]:
     return deadline, device
 
 
+def triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 — a missing or broken triton install
+        return None
+    return triton.__version__
+
+
+def start_kernel_bench(argv: list[str], module: str, description: str, budget_s: float,
+                       render_markdown: Callable[[dict], str]) -> tuple[argparse.Namespace, "Deadline", torch.device,
+                                                                           "Report"]:
+    """The start of a bench of our own Triton kernels (bench.decode_attention, bench.gemv_prologues): --tiny, --out,
+    --budget-s, --reps, --device parsed; the run started; on the CPU only under Triton's interpreter; the report
+    (`<stem>.json` / `.md` in --out, stem = the module's last name) with the run's meta and an empty results list."""
+    stem = module.rsplit(".", 1)[-1]
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="small shapes on the CPU (with TRITON_INTERPRET=1)")
+    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help=f"folder for {stem}.json / .md")
+    p.add_argument("--budget-s", type=float, default=budget_s)
+    p.add_argument("--reps", type=int, default=None, help="timed replays per variant (default 20; --tiny 2)")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    args = p.parse_args(argv)
+    resolve_reps(p, args, tiny=2)
+    if triton_version() is None:
+        raise SystemExit(f"{module} needs the triton package")
+    deadline, device = start_run(args)
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("on the CPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1")
+    meta = {"gpu": device_name(device), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": " ".join(["python", "-m", module] + argv),
+            "mode": "tiny, CPU interpreter" if args.tiny else f"real shapes, {device.type}",
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version(),
+                         "python": platform.python_version()}, "results": []}
+    return args, deadline, device, Report(Path(args.out) if args.out else None, stem, meta, render_markdown)
+
+
+def time_kernel_variants(report: "Report", deadline: "Deadline", fields: dict, variants: dict,
+                         us_per_layer: Callable, relative_error: Callable) -> None:
+    """One result per variant of a kernel bench's case (`fields` name the case): µs per layer and the relative
+    error, recorded and written as each finishes; a variant that the budget no longer leaves time for is noted."""
+    label = " ".join(str(value) for value in fields.values())
+    for name, step in variants.items():
+        if deadline.remaining() < 5:
+            report.note(f"budget spent: {label}, {name} and later variants not run")
+            return
+        result = {**fields, "variant": name, "us_per_layer": round(us_per_layer(step), 3),
+                  "relative_error": relative_error(step)}
+        report.data["results"].append(result)
+        report.write()
+        log(f"  {label}, {name}: {result['us_per_layer']:.2f} µs per layer, rel. error "
+            f"{result['relative_error']:.1e}", deadline)
+
+
+def kernel_bench_markdown(data: dict, title: str, columns: list[tuple[str, str, str]]) -> str:
+    """A kernel bench's report: its meta, then one row per result with `columns` (key, header, format spec)."""
+    versions = data.get("versions") or {}
+    lines = [f"# {title} ({data.get('mode', '')})", "",
+             f"- GPU: {data.get('gpu')}", f"- date: {data.get('date')}", f"- command: `{data.get('command')}`",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
+             "| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in data.get("results", []):
+        lines.append("| " + " | ".join(format(r[key], spec) for key, _, spec in columns) + " |")
+    if data.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------
 # Markdown shared by the reports
 
