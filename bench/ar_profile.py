@@ -18,7 +18,7 @@ import torch
 
 from bench import kernel_profile
 from bench.harness import time_once
-from glm_core import pipeline
+from glm_core import gemv, pipeline
 
 PROMPT = 'A red fox on a snowy hill at dawn, a wooden sign that says "GLM"'
 WINDOW_START = 400  # tokens: past the capture, the bounded queue full, the cache a third filled
@@ -85,6 +85,7 @@ def profile_weights(folder: str, weights: str, device: torch.device, size: int, 
                   "ms_per_token": round(timed_s / count * 1e3, 3)}
         result["profile"] = profile_generation(model, cond, WINDOW_START if size >= 1024 else 8, window,
                                                device.type == "cuda")
+        result["gemv_block_shapes"] = gemv.tuned_block_shapes()
         return result
     finally:
         model.unload()

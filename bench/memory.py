@@ -312,6 +312,9 @@ def phase_fp8(run: Run) -> None:
 
     grid_h, grid_w, preview_h, preview_w = get_target_shape(cond.height, cond.width)
     run.record(phase, "fp8_ar_ms_per_token", round(ar_s / (grid_h * grid_w + preview_h * preview_w + 1) * 1e3, 3))
+    from glm_core.gemv import tuned_block_shapes
+
+    run.record(phase, "gemv_block_shapes", tuned_block_shapes())  # the GEMV's autotuned picks behind that figure
     run.record(phase, "fp8_dit_s_per_step_1024", round(dit_seconds_per_step(run, model, cond, tokens), 4))
     for cap in ((16.0, 12.0) if run.device.type == "cuda" else ()):
         model.placement = "sequential"

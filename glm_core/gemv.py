@@ -243,6 +243,17 @@ def launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
     AUTOTUNED[weight.dtype][grid](*args, **flags)
 
 
+def tuned_block_shapes() -> dict[str, dict[str, str]]:
+    """What autotuning picked in this process (or read from triton's disk cache), per weight format and key (N, K,
+    argument dtypes): for benchmarks to record beside their timings, since a pick made on a noisy timing stays on
+    disk. Covers the launches through the op (PyTorch's allocator); inside compiled code under cudaMallocAsync
+    inductor tunes the traced kernel itself."""
+    if triton is None:
+        return {}
+    return {str(dtype).removeprefix("torch."): {str(key): str(config) for key, config in tuner.cache.items()}
+            for dtype, tuner in AUTOTUNED.items() if getattr(tuner, "cache", None)}
+
+
 def _gemv_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
              bias: torch.Tensor | None) -> torch.Tensor:
     check_inputs(x, weight, weight_scale, bias)

@@ -332,3 +332,21 @@ def test_on_the_gpu_under_cuda_malloc_async_compiled_layers_capture_the_traced_g
                        timeout=900, faulthandler=True)
     assert result["traced"] == ["torch.bfloat16", "torch.float8_e4m3fn"], result
     assert result["rel_bf16"] < 1e-2 and result["rel_fp8"] < 1e-2, result
+
+
+def test_tuned_block_shapes_report_each_formats_picks(monkeypatch):
+    """What benchmarks record beside their timings: the picks per weight format and key, none before any launch."""
+    pytest.importorskip("triton", reason="the GEMV's autotuners need triton")
+    assert all(hasattr(tuner, "cache") for tuner in gemv.AUTOTUNED.values())  # triton's Autotuner keeps its picks there
+    if not torch.cuda.is_available():
+        assert gemv.tuned_block_shapes() == {}  # no autotuned launch in a CPU process (the interpreter's is fixed)
+
+    class Tuned:
+        cache = {(4608, 4096, "torch.bfloat16"): "BLOCK_N: 2, BLOCK_K: 2048, num_warps: 8, num_stages: 1"}
+
+    class Untouched:
+        cache = {}
+
+    monkeypatch.setattr(gemv, "AUTOTUNED", {torch.bfloat16: Tuned(), torch.float8_e4m3fn: Untouched()})
+    assert gemv.tuned_block_shapes() == {
+        "bfloat16": {"(4608, 4096, 'torch.bfloat16')": "BLOCK_N: 2, BLOCK_K: 2048, num_warps: 8, num_stages: 1"}}
