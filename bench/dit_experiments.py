@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm_core.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, SCALED_MM_ALIGNMENT, Fp8Linear
+from glm_core.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, SCALED_MM_ALIGNMENT, Fp8Linear, scaled_mm_quantised
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # max |gelu_tanh(x)| over x < 0 (at x ≈ -0.7518: 0.170041), rounded up
@@ -60,15 +60,11 @@ class RowMaxQuantisedMLP(nn.Module):
         scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
         activated = first.activation(rows)  # the block's GELU, rounded to the compute dtype as the product does
         quantised = (activated.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        out = torch._scaled_mm(quantised, down.weight.t(), scale_a=scale,
-                               scale_b=down.weight_scale.view(1, down.out_features),
-                               bias=down.bias if down.bias is not None and down.bias.dtype == torch.bfloat16 else None,
-                               out_dtype=torch.bfloat16, use_fast_accum=down.use_fast_accum)
+        out = scaled_mm_quantised(quantised, scale, down.weight, down.weight_scale, down.bias, x.dtype,
+                                  use_fast_accum=down.use_fast_accum)
         if pad:
             out = out[:count]
-        if down.bias is not None and down.bias.dtype != torch.bfloat16:
-            out = out + down.bias.to(out.dtype)
-        return out.reshape(*hidden.shape[:-1], down.out_features).to(x.dtype)
+        return out.reshape(*hidden.shape[:-1], down.out_features)
 
 
 def install(dit: nn.Module, experiments: set[str]) -> list:

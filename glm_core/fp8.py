@@ -168,10 +168,9 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      pad_rows: bool = True) -> torch.Tensor:
     """FP8 matmul path: x quantised per row to e4m3, then `torch._scaled_mm` with row-wise scales.
 
-    x (..., in) bf16 / fp16 / fp32 -> (..., out) in x's dtype. The product is written in bf16, the one output
-    dtype every row-wise `_scaled_mm` kernel (cuBLAS and the CUTLASS sm89/sm90 fallback) accepts, then cast;
-    the bias is fused into the kernel when it is bf16 and x is bf16 (the kernels take a bf16 bias for a bf16
-    output only) and added afterwards otherwise. Leading dims are folded into M; M is padded to a multiple of
+    x (..., in) bf16 / fp16 / fp32 -> (..., out) in x's dtype (the product and the bias: `scaled_mm_quantised`;
+    the kernels, cuBLAS and the CUTLASS sm89/sm90 fallback, write bf16 and take a bf16 bias for a bf16 output
+    only). Leading dims are folded into M; M is padded to a multiple of
     SCALED_MM_ALIGNMENT when `pad_rows` (zero rows, sliced off again). No host synchronisation and no
     data-dependent branch: fine under torch.compile and inside CUDA graphs.
     """
@@ -185,16 +184,27 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))  # (M + pad, K)
     x_fp8, x_scale = quantize_rows(x2)  # (M', K) e4m3, (M', 1) fp32
-    fuse_bias = bias is not None and x.dtype == torch.bfloat16 and bias.dtype == torch.bfloat16
+    y = scaled_mm_quantised(x_fp8, x_scale, weight, weight_scale, bias, x.dtype, use_fast_accum=use_fast_accum)
+    if pad:
+        y = y[:rows]
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def scaled_mm_quantised(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None, out_dtype: torch.dtype, *, use_fast_accum: bool = False
+                        ) -> torch.Tensor:
+    """`torch._scaled_mm` of rows already quantised (and padded by the caller where wanted): x_fp8 (M, K) e4m3,
+    x_scale (M, 1) fp32 -> (M, N) in out_dtype. The product is written in bf16, the one output dtype every row-wise
+    kernel accepts, then cast; the bias is fused into the kernel when it and out_dtype are bf16, added after
+    otherwise."""
+    out_features = weight.shape[0]
+    fuse_bias = bias is not None and out_dtype == torch.bfloat16 and bias.dtype == torch.bfloat16
     y = torch._scaled_mm(x_fp8, weight.t(),  # weight (N, K) row-major = (K, N) column-major, as cuBLAS wants
                          scale_a=x_scale, scale_b=weight_scale.view(1, out_features),
                          bias=bias if fuse_bias else None, out_dtype=torch.bfloat16,
-                         use_fast_accum=use_fast_accum)  # (M', N)
-    if pad:
-        y = y[:rows]
-    y = y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+                         use_fast_accum=use_fast_accum).to(out_dtype)  # (M, N)
     if bias is not None and not fuse_bias:
-        y = y + bias.to(x.dtype)
+        y = y + bias.to(out_dtype)
     return y
 
 
