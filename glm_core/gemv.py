@@ -146,16 +146,8 @@ def _traced_gemv(x, weight, weight_scale, bias) -> torch.Tensor:
     """The kernel called as a user-defined Triton kernel inside torch.compile: inductor compiles and launches it
     with the layer's own kernels (from C++ under its C++ wrapper), not through Triton's Python launcher, whose
     pointer checks fail on memory allocated during a CUDA graph capture under cudaMallocAsync."""
-    out_features, in_features = weight.shape
-    y = torch.empty(out_features, device=x.device, dtype=torch.bfloat16)
-
-    def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_N"]),)
-
-    # x stands in for an absent scale or bias: never read (HAS_SCALE / HAS_BIAS), and not the written y
-    AUTOTUNED[weight.dtype][grid](x, weight, weight_scale if weight_scale is not None else x,
-                                  bias if bias is not None else x, y, out_features, in_features,
-                                  HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None)
+    y = torch.empty(weight.shape[0], device=x.device, dtype=torch.bfloat16)
+    launch(x, weight, weight_scale, bias, y)
     return y
 
 
@@ -226,8 +218,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | N
     """Writes the GEMV into y (N,) bf16. `config` (BLOCK_N, BLOCK_K, num_warps, num_stages) skips autotuning
     (benchmarks sweep block shapes with it)."""
     out_features, in_features = weight.shape
-    # scale_ptr / bias_ptr are never read without HAS_SCALE / HAS_BIAS; y stands in so that every argument is a tensor
-    args = (x, weight, weight_scale if weight_scale is not None else y, bias if bias is not None else y, y,
+    # scale_ptr / bias_ptr are never read without HAS_SCALE / HAS_BIAS; x stands in so that every argument is a tensor
+    # (not the written y: inductor, tracing the kernel in `_traced_gemv`, would see an input aliasing the output)
+    args = (x, weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x, y,
             out_features, in_features)
     flags = {"HAS_SCALE": weight_scale is not None, "HAS_BIAS": bias is not None}
     if x.device.type == "cpu":  # only reachable under TRITON_INTERPRET=1 (tests): no autotuning there
