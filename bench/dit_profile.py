@@ -6,8 +6,9 @@ loop (the one the pipeline runs).
 
 A variant is a weight format, optionally "+fast" (FP8 matmuls with cuBLAS's fast accumulation, `use_fast_accum`:
 the tensor cores' own accumulator for the whole K instead of promoting partial sums to fp32; changes numbers, so
-its velocity error against bf16 is reported beside its speed; glm_core's FP8 DiT uses it since 2026-11-30), "+sgelu"
-and "+rowmax" (candidate elementwise changes, bench/dit_experiments.py) and optionally "@flash" / "@cudnn" / "@efficient"
+its velocity error against bf16 is reported beside its speed; glm_core's FP8 DiT uses it since 2026-11-30),
+"+unfolded" (the FP8 MLP's GELU and its input quantisation as two passes, as before glm_core/dit/fp8_mlp.py folded
+them) and optionally "@flash" / "@cudnn" / "@efficient"
 (the SDPA backend forced while the DiT block compiles: dynamo is reset and the on-disk compile caches are bypassed
 for such a variant, so its graph is traced under that backend; the attention kernels' names in the profile show
 which one ran). Per variant: the DiT, glyph encoder loaded on the GPU (all resident), one prompt's glyph
@@ -65,13 +66,13 @@ def kernel_group(name: str) -> str:
     return kernel_profile.kernel_group(name, KERNEL_GROUPS)
 
 
-FLAGS = {"fast": "fast FP8 accumulation", "sgelu": "GELU in its sigmoid form (bench/dit_experiments.py)",
-         "rowmax": "FP8 MLP input scales from the row maxima before the GELU (bench/dit_experiments.py)"}
-FP8_ONLY_FLAGS = ("fast", "rowmax")
+FLAGS = {"fast": "fast FP8 accumulation",
+         "unfolded": "the FP8 MLP's GELU and input quantisation unfolded (glm_core/dit/fp8_mlp.py folds them)"}
+FP8_ONLY_FLAGS = ("fast", "unfolded")
 
 
 def parse_variant(text: str) -> dict:
-    """"fp8+fast+rowmax@cudnn" -> {"weights": "fp8", "fast_accum": True, "experiments": {"rowmax"},
+    """"fp8+fast+unfolded@cudnn" -> {"weights": "fp8", "fast_accum": True, "fold_gelu": False,
     "attention": "cudnn"}."""
     rest, _, attention = text.partition("@")
     weights, *flags = rest.split("+")
@@ -84,7 +85,7 @@ def parse_variant(text: str) -> dict:
     if attention and attention not in SDPA_BACKENDS:
         raise ValueError(f"variant {text!r}: unknown attention backend {attention!r}; one of {list(SDPA_BACKENDS)}")
     return {"name": text, "weights": weights, "fast_accum": "fast" in flags,
-            "experiments": {flag for flag in flags if flag != "fast"}, "attention": attention or None}
+            "fold_gelu": "unfolded" not in flags, "attention": attention or None}
 
 
 def guided_step_flops(config, text_tokens: int, image_tokens: int, guidance: float) -> dict:
@@ -153,20 +154,21 @@ def attention_backend(name: str | None):
 
 
 @contextlib.contextmanager
-def experiments_installed(dit: torch.nn.Module, names: set[str]):
-    """bench/dit_experiments.py's named changes on the DiT's blocks for the variant, dynamo reset around them (the
-    blocks share one compiled function, whose recompile limit the changed modules would otherwise use up)."""
-    if not names:
+def gelu_fold(dit: torch.nn.Module, enabled: bool):
+    """The FP8 MLP's fold (glm_core/dit/fp8_mlp.py) turned off on every block for an "+unfolded" variant, dynamo reset
+    around it (the blocks share one compiled function, whose recompile limit the changed modules would use up)."""
+    if enabled:
         yield
         return
-    from bench import dit_experiments
-
     torch._dynamo.reset()
-    undo = dit_experiments.install(dit, names)
+    blocks = list(dit.transformer_blocks)
+    for block in blocks:
+        block.ff.tanh_gelu = False
     try:
         yield
     finally:
-        dit_experiments.remove(undo)
+        for block in blocks:
+            block.ff.tanh_gelu = True
         torch._dynamo.reset()
 
 
@@ -332,7 +334,7 @@ def main(argv=None) -> int:
                 loaded = (variant["weights"], model, Workload(model, size, args.steps, seed=7))
             workload = loaded[2]
             set_fast_accum(workload.dit, variant["fast_accum"])
-            with attention_backend(variant["attention"]), experiments_installed(workload.dit, variant["experiments"]):
+            with attention_backend(variant["attention"]), gelu_fold(workload.dit, variant["fold_gelu"]):
                 result = profile_variant(workload, args.reps, clock)
                 velocity = workload.velocity()
             if first_velocity is None:

@@ -570,7 +570,7 @@ def triton_version() -> str | None:
 def start_kernel_bench(argv: list[str], module: str, description: str, budget_s: float,
                        render_markdown: Callable[[dict], str]) -> tuple[argparse.Namespace, "Deadline", torch.device,
                                                                            "Report"]:
-    """The start of a bench of our own Triton kernels (bench.decode_attention, bench.gemv_prologues): --tiny, --out,
+    """The start of a bench of our own Triton kernels (bench.decode_attention): --tiny, --out,
     --budget-s, --reps, --device parsed; the run started; on the CPU only under Triton's interpreter; the report
     (`<stem>.json` / `.md` in --out, stem = the module's last name) with the run's meta and an empty results list."""
     stem = module.rsplit(".", 1)[-1]

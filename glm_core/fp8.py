@@ -142,6 +142,12 @@ _PATH_BY_DEVICE: dict[str, bool] = {}
 _uses_scaled_mm = constant_per_device(fp8_matmul_supported, _PATH_BY_DEVICE)
 
 
+def quantizes_rows(x: torch.Tensor) -> bool:
+    """Whether an Fp8Linear quantises the rows of input x to e4m3 (the `_scaled_mm` path) rather than taking the GEMV
+    or the weight-only path: callers that make x can then make its e4m3 rows themselves (glm_core/dit/fp8_mlp.py)."""
+    return not takes_gemv(x) and _uses_scaled_mm(str(x.device))
+
+
 # --------------------------------------------------------------------------------------------
 # Two of the matmul paths (called by Fp8Linear.forward; public so that tests and benchmarks can call each; the
 # third, the one-row GEMV, is glm_core/gemv.py)
@@ -258,7 +264,7 @@ class Fp8Linear(nn.Module):
         # a batch-1 decode step: a GEMV, bound by reading the weight
         if takes_gemv(x):
             return gemv(x, self.weight, self.weight_scale, self.bias)
-        if _uses_scaled_mm(str(x.device)):
+        if quantizes_rows(x):
             return scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, use_fast_accum=self.use_fast_accum)
         return dequant_linear(x, self.weight, self.weight_scale, self.bias)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DiTConfig
+from .fp8_mlp import gelu_then_fp8_linear, takes_gelu_fold
 
 _gelu_tanh = partial(F.gelu, approximate="tanh")
 
@@ -34,7 +35,8 @@ class _LinearThenActivation(nn.Module):
 class FeedForward(nn.Module):
     """Linear -> activation -> Linear with the diffusers key layout `net.0.proj`, `net.2`.
 
-    `net.1` is the (inference no-op) dropout slot of the reference; it has no parameters.
+    `net.1` is the (inference no-op) dropout slot of the reference; it has no parameters. With FP8 weights on FP8
+    matrix units the DiT blocks' tanh-GELU MLP quantises its hidden in one pass (fp8_mlp.py).
     """
 
     def __init__(self, dim_in: int, inner_dim: int, dim_out: int, activation):
@@ -44,11 +46,15 @@ class FeedForward(nn.Module):
             nn.Identity(),
             nn.Linear(inner_dim, dim_out),
         ])
+        # decided here, not per call: dynamo does not see a partial stored on a module as the same object
+        self.tanh_gelu = activation is _gelu_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        first, down = self.net[0], self.net[2]
+        hidden = first.proj(x)
+        if self.tanh_gelu and takes_gelu_fold(hidden, down):
+            return gelu_then_fp8_linear(hidden, down)
+        return down(first.activation(hidden))
 
 
 class TwoLayerMLP(nn.Module):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_core import fp8
+from tests.scaled_mm_cpu import needs_cpu_rowwise_scaled_mm
 
 E4M3_MAX = 448.0
 # e4m3: 3 mantissa bits -> rounding a normal value moves it by at most half an ulp = 2^-4 of its size;
@@ -173,7 +174,7 @@ def _inputs_with_rows_of_very_different_size(shape, dtype, seed=0):
     return x.to(dtype)
 
 
-@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@needs_cpu_rowwise_scaled_mm
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 512), (4, 512), (16, 512), (3, 5, 512)], ids=["m1", "m4", "m16", "3d"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -195,7 +196,7 @@ def test_scaled_mm_path_matches_its_emulation_and_the_dequant_path(dtype, shape,
     assert _relative(y, unquantised) <= 0.05  # measured 0.038
 
 
-@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@needs_cpu_rowwise_scaled_mm
 def test_scaled_mm_path_row_padding_changes_nothing_and_zero_rows_give_the_bias():
     _, layer = _layer(256, 64, True, torch.bfloat16)
     x = torch.randn(3, 256).to(torch.bfloat16)
@@ -212,7 +213,7 @@ def _force_path(monkeypatch, scaled: bool):
     monkeypatch.setitem(fp8._PATH_BY_DEVICE, "cpu", scaled)
 
 
-@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@needs_cpu_rowwise_scaled_mm
 def test_forward_takes_the_path_its_device_is_given(monkeypatch):
     _, layer = _layer(256, 64, True, torch.bfloat16)
     x = torch.randn(2, 3, 256).to(torch.bfloat16)
@@ -224,7 +225,7 @@ def test_forward_takes_the_path_its_device_is_given(monkeypatch):
                                rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@needs_cpu_rowwise_scaled_mm
 @pytest.mark.parametrize("scaled", [True, False], ids=["scaled_mm", "dequant"])
 def test_forward_compiles_as_one_graph(monkeypatch, scaled):
     """fullgraph=True fails on a graph break: a host sync (.item()), a data-dependent branch, an untraceable
@@ -238,7 +239,7 @@ def test_forward_compiles_as_one_graph(monkeypatch, scaled):
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@needs_cpu_rowwise_scaled_mm
 def test_scaled_mm_path_compiles_with_dynamic_token_counts(monkeypatch):
     """glm_core compiles its loops with dynamic=True: the row padding must trace with a symbolic M."""
     torch._dynamo.reset()
@@ -390,7 +391,7 @@ def test_fp8_structure_refuses_what_it_cannot_replace():
     assert block.attn["qkv"].bias is not None and type(block.head) is nn.Linear
 
 
-@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@needs_cpu_rowwise_scaled_mm
 def test_dit_fp8_matmuls_ask_for_fast_accumulation_and_the_ars_do_not(demo_folder, monkeypatch):
     """The DiT blocks' FP8 linears call `_scaled_mm` with fast accumulation (measured as accurate and faster on the
     H200: glm_core/dit/model.py FP8_FAST_ACCUM); the AR's keep fp32 promotion (its prompt rows only: its decode

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.scaled_mm_cpu import needs_cpu_rowwise_scaled_mm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +75,7 @@ def test_tiny_run_measures_bf16_and_dequant_everywhere(tmp_path):
     assert {e["variant"] for e in data["results"]["ar_layer"].values()} == {"bf16", "dequant"}
 
 
-@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this torch has no torch._scaled_mm")
+@needs_cpu_rowwise_scaled_mm
 def test_tiny_run_with_the_fp8_variants_forced_through_the_cpu_scaled_mm(tmp_path):
     data = _run(tmp_path, "--force-scaled-mm", "--only", "probe,ar.gemv,ar.layer,dit.gemm")
     probe = data["probe"]
