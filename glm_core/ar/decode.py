@@ -26,6 +26,7 @@ from torch import nn
 from . import sampling
 from ..compiling import compiled
 from ..fp8 import has_fp8_linears
+from ..gemv import uses_gemv
 from ..memory import under_cuda_malloc_async
 from ..processor import ARInputs
 from .config import Sampling
@@ -279,6 +280,15 @@ def _decode_layer(layer: TextDecoderLayer, hidden, cos, sin, attn_mask, k, v, ca
     return layer(hidden, cos, sin, attn_mask, _CacheSlot(k, v), cache_index)
 
 
+def inductor_writes_fp8_gemvs(model: GlmImageAR) -> bool:
+    """Whether inductor has to write the FP8 decode layer's one-row matmuls itself (FP8 linears, and our GEMV kernel
+    does not run on the model's device), and so needs coordinate-descent tuning for those reductions. Where our GEMV
+    runs, that tuning only re-times the layer's small norm kernels on their first launch, and a noisy pick stays in
+    the cache: on the H200 one of them ran 2.7, 4.8 or 7.7 µs a launch from process to process, the FP8 AR 3.80 to
+    4.18 ms per token (2026-11-30 17:32-18:23)."""
+    return has_fp8_linears(model) and not uses_gemv(str(model.device))
+
+
 def decode_layer_runner(model: GlmImageAR):
     """What the decode step calls per layer: None (plain calls, `model.compile_backend` None), or the
     torch.compile'd layer call. Inductor fuses each layer's norms (fp32 statistics kept), rope, residual
@@ -289,7 +299,7 @@ def decode_layer_runner(model: GlmImageAR):
     if model.compile_backend is None:
         return None
     layer_call = compiled(_decode_layer, "AR decode layer", model.compile_backend,
-                          cpp_wrapper=under_cuda_malloc_async(), tune_reductions=has_fp8_linears(model))
+                          cpp_wrapper=under_cuda_malloc_async(), tune_reductions=inductor_writes_fp8_gemvs(model))
 
     def run_layer(layer, hidden, cos, sin, attn_mask, layer_cache, cache_index):
         return layer_call(layer, hidden, cos, sin, attn_mask, layer_cache.k, layer_cache.v, cache_index)

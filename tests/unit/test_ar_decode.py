@@ -213,16 +213,18 @@ def test_decode_layer_launches_from_cpp_under_cudamallocasync(monkeypatch, ar_mo
     assert [key[1:] for key in compiling._WRAPPERS] == [("inductor", cpp_wrapper, False)]
 
 
-def test_an_fp8_decode_layer_compiles_with_tuned_reductions(monkeypatch, ar_models):
-    """FP8 decode layers (whose one-row linears inductor may turn into reductions) are compiled with inductor's
-    coordinate-descent tuning; bf16 ones without it."""
-    from glm_core import compiling
+def test_an_fp8_decode_layer_compiles_with_tuned_reductions_only_where_our_gemv_does_not_run(monkeypatch, ar_models):
+    """FP8 decode layers whose one-row linears inductor writes as reductions (our GEMV kernel does not run there)
+    are compiled with inductor's coordinate-descent tuning; bf16 ones, and FP8 ones whose linears take our GEMV,
+    without it (there it would only re-time the norm kernels, noisily)."""
+    from glm_core import compiling, gemv
     from glm_core.ar import decode
     from glm_core.fp8 import Fp8Linear
 
     ours = ar_models.ours
     monkeypatch.setattr(compiling, "_WRAPPERS", {})
     monkeypatch.setattr(ours, "compile_backend", "inductor")
+    monkeypatch.setitem(gemv.GEMV_BY_DEVICE, str(ours.device), False)
     decode.decode_layer_runner(ours)
     layer = ours.model.language_model.layers[0].mlp
     monkeypatch.setattr(layer, "down_proj", Fp8Linear.from_linear(layer.down_proj))
@@ -230,6 +232,10 @@ def test_an_fp8_decode_layer_compiles_with_tuned_reductions(monkeypatch, ar_mode
     wrappers = compiling._WRAPPERS
     assert [key[3] for key in wrappers] == [False, True]
     assert wrappers[list(wrappers)[1]].compiled is not wrappers[list(wrappers)[0]].compiled
+    monkeypatch.setitem(gemv.GEMV_BY_DEVICE, str(ours.device), True)  # a GPU where our GEMV runs
+    assert decode.inductor_writes_fp8_gemvs(ours) is False
+    decode.decode_layer_runner(ours)
+    assert [key[3] for key in compiling._WRAPPERS] == [False, True]  # the untuned wrapper again, none new
 
 
 def test_the_decode_loop_stays_a_bounded_number_of_steps_ahead_of_the_gpu():
