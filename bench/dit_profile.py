@@ -163,12 +163,12 @@ def gelu_fold(dit: torch.nn.Module, enabled: bool):
     torch._dynamo.reset()
     blocks = list(dit.transformer_blocks)
     for block in blocks:
-        block.ff.tanh_gelu = False
+        block.ff.folds_gelu = False
     try:
         yield
     finally:
         for block in blocks:
-            block.ff.tanh_gelu = True
+            block.ff.folds_gelu = True
         torch._dynamo.reset()
 
 

@@ -98,10 +98,15 @@ def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # (R, 1): the max of |v| without materialising |v|; exact in the input dtype, then widened.
     amax = torch.linalg.vector_norm(values, ord=float("inf"), dim=1, keepdim=True).to(torch.float32)
     scale = (amax / FP8_MAX).clamp_(min=MIN_SCALE)
+    return cast_rows(values, scale), scale
+
+
+def cast_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(R, C) values divided by their (R, 1) fp32 scales, in e4m3."""
     # fp32 division may land a hair above 448 for the row maximum; e4m3fn has no inf, and casting anything
     # beyond 448 gives NaN, so the clamp is required, not cosmetic.
     scaled = values.to(torch.float32).div_(scale) if values.dtype != torch.float32 else values / scale
-    return scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +176,11 @@ def dequant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None = None, *, use_fast_accum: bool = False,
-                     pad_rows: bool = True) -> torch.Tensor:
+                     pad_rows: bool = True, quantise=quantize_rows) -> torch.Tensor:
     """FP8 matmul path: x quantised per row to e4m3, then `torch._scaled_mm` with row-wise scales.
+
+    `quantise` makes the e4m3 rows and their (M', 1) fp32 scales from x's (padded) 2-D rows: `quantize_rows`, or
+    one that also applies the layer's input activation as it quantises (glm_core/dit/fp8_mlp.py).
 
     x (..., in) bf16 / fp16 / fp32 -> (..., out) in x's dtype (the product and the bias: `scaled_mm_quantised`;
     the kernels, cuBLAS and the CUTLASS sm89/sm90 fallback, write bf16 and take a bf16 bias for a bf16 output
@@ -189,7 +197,7 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     pad = (-rows) % SCALED_MM_ALIGNMENT if pad_rows else 0
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))  # (M + pad, K)
-    x_fp8, x_scale = quantize_rows(x2)  # (M', K) e4m3, (M', 1) fp32
+    x_fp8, x_scale = quantise(x2)  # (M', K) e4m3, (M', 1) fp32
     y = scaled_mm_quantised(x_fp8, x_scale, weight, weight_scale, bias, x.dtype, use_fast_accum=use_fast_accum)
     if pad:
         y = y[:rows]

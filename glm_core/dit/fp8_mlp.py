@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, SCALED_MM_ALIGNMENT, Fp8Linear, quantizes_rows, scaled_mm_quantised
+from ..fp8 import FP8_MAX, MIN_SCALE, Fp8Linear, cast_rows, quantizes_rows, scaled_mm_linear
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # max |gelu_tanh(x)| over x < 0 (0.170041 at x ≈ -0.7518), rounded up
@@ -50,19 +50,15 @@ def takes_gelu_fold(hidden: torch.Tensor, down: torch.nn.Module) -> bool:
     return isinstance(down, Fp8Linear) and quantizes_rows(hidden)
 
 
+def gelu_quantize_rows(hidden_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) hidden before the GELU -> its GELU's rows in e4m3 and their (M, 1) fp32 scales, the GELU computed once.
+    Zero (padding) rows give zeros: gelu(0) = 0, their scale the bound."""
+    scale = gelu_row_scales(hidden_rows)
+    # the GELU rounded to the compute dtype before the e4m3 cast, as the unfolded MLP's activation is
+    return cast_rows(gelu_tanh_by_sigmoid(hidden_rows), scale), scale
+
+
 def gelu_then_fp8_linear(hidden: torch.Tensor, down: Fp8Linear) -> torch.Tensor:
     """down(gelu_tanh(hidden)) for hidden (..., C) in the compute dtype, on the `_scaled_mm` path."""
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    count = rows.shape[0]
-    pad = (-count) % SCALED_MM_ALIGNMENT
-    if pad:
-        rows = F.pad(rows, (0, 0, 0, pad))  # zero rows: gelu(0) = 0, their scale the bound
-    scale = gelu_row_scales(rows)
-    # the GELU rounded to the compute dtype before the e4m3 cast, as the unfolded MLP's activation is
-    activated = gelu_tanh_by_sigmoid(rows)
-    quantised = (activated.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    out = scaled_mm_quantised(quantised, scale, down.weight, down.weight_scale, down.bias, hidden.dtype,
-                              use_fast_accum=down.use_fast_accum)
-    if pad:
-        out = out[:count]
-    return out.reshape(*hidden.shape[:-1], down.out_features)
+    return scaled_mm_linear(hidden, down.weight, down.weight_scale, down.bias, use_fast_accum=down.use_fast_accum,
+                            quantise=gelu_quantize_rows)

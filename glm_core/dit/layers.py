@@ -46,13 +46,14 @@ class FeedForward(nn.Module):
             nn.Identity(),
             nn.Linear(inner_dim, dim_out),
         ])
-        # decided here, not per call: dynamo does not see a partial stored on a module as the same object
-        self.tanh_gelu = activation is _gelu_tanh
+        # whether the tanh GELU may fold into an FP8 second linear's row quantisation (fp8_mlp.py); decided here, not
+        # per call: dynamo does not see a partial stored on a module as the same object
+        self.folds_gelu = activation is _gelu_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, down = self.net[0], self.net[2]
         hidden = first.proj(x)
-        if self.tanh_gelu and takes_gelu_fold(hidden, down):
+        if self.folds_gelu and takes_gelu_fold(hidden, down):
             return gelu_then_fp8_linear(hidden, down)
         return down(first.activation(hidden))
 
