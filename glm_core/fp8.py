@@ -75,10 +75,16 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 MIN_SCALE = torch.finfo(torch.float32).tiny
 
 # torch._scaled_mm on CUDA needs K and N to be multiples of 16 (checked in aten ScaledBlas.cpp); M carries
-# no such check in the torch versions read, but decode steps (M = 1..4) are padded to this many rows anyway:
-# the padding is a few hundred bytes, and it keeps us off row counts that the kernels were reported to
-# mishandle (pytorch issue 133334). bench/fp8_kernels.py measures both.
+# no such check in the torch versions read. Steps of fewer rows (decode, M = 1..4) are padded to this many rows
+# anyway: the padding is a few hundred bytes (bench/fp8_kernels.py measures both). Longer inputs are not padded:
+# there the copy is a pass over the whole activation, and a padded copy has another row count than the kernel
+# that makes the rows, so inductor cannot fuse the quantisation into it (a DiT step's LayerNorm + modulation).
 SCALED_MM_ALIGNMENT = 16
+
+
+def rows_to_pad(rows: int) -> int:
+    """Zero rows added to an input of `rows` rows before `_scaled_mm` (the note above)."""
+    return SCALED_MM_ALIGNMENT - rows if rows < SCALED_MM_ALIGNMENT else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,9 +190,9 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
     x (..., in) bf16 / fp16 / fp32 -> (..., out) in x's dtype (the product and the bias: `scaled_mm_quantised`;
     the kernels, cuBLAS and the CUTLASS sm89/sm90 fallback, write bf16 and take a bf16 bias for a bf16 output
-    only). Leading dims are folded into M; M is padded to a multiple of
-    SCALED_MM_ALIGNMENT when `pad_rows` (zero rows, sliced off again). No host synchronisation and no
-    data-dependent branch: fine under torch.compile and inside CUDA graphs.
+    only). Leading dims are folded into M; when `pad_rows`, an M below SCALED_MM_ALIGNMENT is padded to it (zero
+    rows, sliced off again; `rows_to_pad`). No host synchronisation and no data-dependent branch: fine under
+    torch.compile and inside CUDA graphs.
     """
     in_features = x.shape[-1]
     out_features = weight.shape[0]
@@ -194,7 +200,7 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     rows = x2.shape[0]
     if rows == 0:
         return x.new_empty(*x.shape[:-1], out_features)
-    pad = (-rows) % SCALED_MM_ALIGNMENT if pad_rows else 0
+    pad = rows_to_pad(rows) if pad_rows else 0
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))  # (M + pad, K)
     x_fp8, x_scale = quantise(x2)  # (M', K) e4m3, (M', 1) fp32

@@ -176,7 +176,8 @@ def _inputs_with_rows_of_very_different_size(shape, dtype, seed=0):
 
 @needs_cpu_rowwise_scaled_mm
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 512), (4, 512), (16, 512), (3, 5, 512)], ids=["m1", "m4", "m16", "3d"])
+@pytest.mark.parametrize("shape", [(1, 512), (4, 512), (16, 512), (17, 512), (3, 5, 512), (2, 37, 512)],
+                         ids=["m1", "m4", "m16", "m17_unpadded", "3d", "3d_unpadded"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_scaled_mm_path_matches_its_emulation_and_the_dequant_path(dtype, shape, bias):
     linear, layer = _layer(512, 128, bias, dtype)
@@ -194,6 +195,31 @@ def test_scaled_mm_path_matches_its_emulation_and_the_dequant_path(dtype, shape,
     assert _relative(y, dequant) <= 0.04  # activation rounding to e4m3: measured 0.027
     unquantised = F.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
     assert _relative(y, unquantised) <= 0.05  # measured 0.038
+
+
+def _gpu_with_fp8_matrix_units() -> bool:
+    return torch.cuda.is_available() and fp8.fp8_matmul_supported("cuda")
+
+
+@pytest.mark.skipif(not _gpu_with_fp8_matrix_units(), reason="needs a CUDA GPU with FP8 matrix units (run on the "
+                    "device: bench/README.md)")
+@pytest.mark.parametrize("fast_accum", [False, True], ids=["fp32_accum", "fast_accum"])
+@pytest.mark.parametrize("rows", [1, 17, 4097, 4100])
+def test_scaled_mm_on_the_gpu_matches_its_emulation_padded_or_not(rows, fast_accum):
+    """The GPU's kernels with the row counts they get: a decode step (padded) and prompt / DiT token counts that
+    are no multiple of 16 or 256 (unpadded; pytorch issue 133334 was a CUTLASS row-wise kernel at M % 256 != 0)."""
+    linear, layer = _layer(4096, 1024, True, torch.bfloat16)
+    layer = layer.cuda()
+    x = _inputs_with_rows_of_very_different_size((rows, 4096), torch.bfloat16).cuda()
+    y = fp8.scaled_mm_linear(x, layer.weight, layer.weight_scale, layer.bias, use_fast_accum=fast_accum)
+    emulated = _emulated_scaled_mm(x, layer.weight, layer.weight_scale, layer.bias)
+    assert y.shape == (rows, 1024) and torch.isfinite(y).all()
+    for row in range(rows):  # every row on its own, the last ones included (a kernel's ragged tile)
+        assert _relative(y[row], emulated[row]) <= 4e-3, row
+
+
+def test_only_inputs_of_fewer_rows_than_the_alignment_are_padded():
+    assert [fp8.rows_to_pad(rows) for rows in (1, 4, 15, 16, 17, 4097)] == [15, 12, 1, 0, 0, 0]
 
 
 @needs_cpu_rowwise_scaled_mm
