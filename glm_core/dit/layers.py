@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import fuse_checkpoint_keys
 from .config import DiTConfig
 from .fp8_mlp import gelu_then_fp8_linear, takes_gelu_fold
 
@@ -203,18 +204,32 @@ def gate_streams(out: torch.Tensor, is_text: torch.Tensor, text: ModulationOut, 
 
 
 class Attention(nn.Module):
-    """`attn1`: shared QKV over [text, image], QK LayerNorm over head_dim, RoPE on image tokens only."""
+    """`attn1`: shared QKV over [text, image], QK LayerNorm over head_dim, RoPE on image tokens only.
+
+    The checkpoint's `to_q`, `to_k` and `to_v` are one projection here, `to_qkv` (rows q | k | v), concatenated when
+    the weights load (`checkpoint_fusions`, as the AR's `qkv_proj`): one matmul instead of three, and with FP8
+    weights one quantisation of its input instead of three.
+    """
+
+    checkpoint_fusions = {
+        "to_qkv.weight": ("to_q.weight", "to_k.weight", "to_v.weight"),
+        "to_qkv.bias": ("to_q.bias", "to_k.bias", "to_v.bias"),
+        "to_qkv.weight_scale": ("to_q.weight_scale", "to_k.weight_scale", "to_v.weight_scale"),  # FP8
+    }
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         dim = config.inner_dim
+        self.dim = dim
         self.heads = config.num_attention_heads
         self.head_dim = config.attention_head_dim
         self.eps = config.norm_eps
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self._register_load_state_dict_pre_hook(fuse_checkpoint_keys, with_module=True)
+
+    def fused_part_sizes(self) -> tuple[int, int, int]:
+        return self.dim, self.dim, self.dim
 
     def _heads(self, x: torch.Tensor, rope, normalize: bool) -> torch.Tensor:
         x = x.unflatten(-1, (self.heads, self.head_dim))  # (B, S, heads, D)
@@ -229,9 +244,10 @@ class Attention(nn.Module):
 
         `reference`: (k, v) each (1, heads, N_ref, D) prepended to this pass's keys / values.
         """
-        query = self._heads(self.to_q(tokens), rope, normalize=True)
-        key = self._heads(self.to_k(tokens), rope, normalize=True)
-        value = self._heads(self.to_v(tokens), rope, normalize=False)
+        query, key, value = self.to_qkv(tokens).chunk(3, dim=-1)
+        query = self._heads(query, rope, normalize=True)
+        key = self._heads(key, rope, normalize=True)
+        value = self._heads(value, rope, normalize=False)
         own_kv = (key, value)
         if reference is not None:
             batch = tokens.shape[0]

@@ -197,7 +197,7 @@ class GlmImageDiT(nn.Module):
 
 # The linears stored in FP8 when the DiT loads with weights="fp8": every linear of the transformer blocks (their
 # modulation included: 1.5 of its 13.9 GB). Embeddings, projectors and the output layers stay in the compute dtype.
-FP8_LINEARS = re.compile(r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|norm1\.linear)")
+FP8_LINEARS = re.compile(r"transformer_blocks\.\d+\.(attn1\.(to_qkv|to_out\.0)|ff\.net\.(0\.proj|2)|norm1\.linear)")
 
 
 # The blocks' FP8 matmuls accumulate in the tensor cores' own accumulator over the whole K (cuBLAS's fast

@@ -62,6 +62,32 @@ def test_qkv_fused_once_at_load(tiny_checkpoint, ar_models):
     assert torch.equal(copy_model.model.language_model.layers[0].self_attn.qkv_proj.weight, attn.qkv_proj.weight)
 
 
+def test_dit_qkv_fused_once_at_load(tiny_checkpoint):
+    """The DiT's to_q / to_k / to_v load as one `to_qkv` (rows q | k | v), the official keys come back when it is
+    written out, and a reference-style state dict loads through the pre-hook."""
+    from safetensors import safe_open
+
+    from glm_core.dit.model import load_dit
+
+    dit = load_dit(tiny_checkpoint, "cpu", torch.float32, compile=False)
+    attn = dit.transformer_blocks[0].attn1
+    assert not hasattr(attn, "to_q") and attn.to_qkv.weight.shape == (3 * attn.dim, attn.dim)
+    headers = read_headers(tiny_checkpoint / "transformer")
+    official = official_state_dict(dit)
+    assert set(headers) == set(official)
+    for part in ("to_q", "to_k", "to_v"):
+        for leaf in ("weight", "bias"):
+            key = f"transformer_blocks.0.attn1.{part}.{leaf}"
+            with safe_open(str(headers[key][2]), framework="pt") as handle:
+                assert torch.equal(official[key], handle.get_tensor(key).float()), key
+    copy_model = copy.deepcopy(dit)
+    for leaf in ("weight", "bias"):
+        getattr(copy_model.transformer_blocks[0].attn1.to_qkv, leaf).data.zero_()
+    copy_model.load_state_dict(official, strict=True)
+    assert torch.equal(copy_model.transformer_blocks[0].attn1.to_qkv.weight, attn.to_qkv.weight)
+    assert torch.equal(copy_model.transformer_blocks[0].attn1.to_qkv.bias, attn.to_qkv.bias)
+
+
 @pytest.mark.parametrize("case", ["t2i", "edit_2ref", "t2i_batch_padded"])
 def test_compiled_decode_layer_same_logits(ar_models, case):
     ours, _, _ = ar_models

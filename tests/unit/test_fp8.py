@@ -435,7 +435,7 @@ def test_dit_fp8_matmuls_ask_for_fast_accumulation_and_the_ars_do_not(demo_folde
     monkeypatch.setattr(torch, "_scaled_mm", recording)
     _force_path(monkeypatch, True)
     dit = load_dit(demo_folder, "cpu", torch.bfloat16, weights="fp8", compile=False)
-    linear = dit.transformer_blocks[0].attn1.to_q
+    linear = dit.transformer_blocks[0].attn1.to_qkv
     linear(torch.randn(3, linear.in_features).to(torch.bfloat16))
     ar = load_ar(demo_folder, "cpu", torch.bfloat16, weights="fp8", compile=False)
     linear = ar.model.language_model.layers[0].self_attn.qkv_proj
