@@ -2,6 +2,7 @@
 MLP (F.gelu tanh, then Fp8Linear's `_scaled_mm` path) computes, and be taken exactly where the rows are quantised."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +10,7 @@ from glm_core import fp8
 from glm_core.dit import fp8_mlp
 from glm_core.dit.layers import FeedForward, _gelu_tanh
 from glm_core.fp8 import Fp8Linear, quantize_rows
+from tests.child_runs import run_child
 from tests.scaled_mm_cpu import needs_cpu_rowwise_scaled_mm
 
 
@@ -128,4 +130,91 @@ def test_the_folded_mlp_compiles_as_one_graph_with_dynamic_token_counts(monkeypa
             torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
             if rows == 3:  # traced here: the graph holds the fold
                 assert calls, "the compiled MLP did not take the fold"
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernel (CUDA): in Triton's interpreter on the CPU, the real kernel on a GPU
+
+KERNEL_CHILD = r"""
+import json, os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from glm_core.dit import fp8_mlp
+
+torch.manual_seed(0)
+hidden = torch.cat([torch.randn(5, 300) * 3,  # large rows; 300 columns: a partial block (masking)
+                    torch.full((1, 300), -0.7518),  # every value at GELU's negative extreme
+                    -torch.rand(1, 300) * 5,  # all negative
+                    torch.zeros(1, 300)]).to(torch.bfloat16)  # a padding row
+values, scale = fp8_mlp.gelu_quantize_kernel(hidden, torch.float32)
+expected_scale = fp8_mlp.gelu_row_scales(hidden)
+expected = fp8_mlp.gelu_tanh_by_sigmoid(hidden).float() / expected_scale
+print("RESULT " + json.dumps({"shapes": [list(values.shape), list(scale.shape)],
+                              "scale_relative": ((scale / expected_scale) - 1).abs().max().item(),
+                              "value_error": (values - expected).abs().tolist(),
+                              "expected": expected.abs().tolist(),
+                              "unscaled_value_error": (values - expected * expected_scale).abs().max().item()}))
+"""
+
+
+def test_the_kernel_computes_the_rows_and_scales_of_the_torch_ops():
+    """Triton's interpreter, before the e4m3 cast (the interpreter neither rounds to bf16 nor to e4m3 as a GPU does:
+    it truncates bf16, hence 2^-7 here; the cast itself is checked on a GPU below)."""
+    pytest.importorskip("triton", reason="the kernel test needs the triton package (its CPU interpreter)")
+    result = run_child(KERNEL_CHILD, env={"TRITON_INTERPRET": "1"})
+    assert result["shapes"] == [[8, 300], [8, 1]]
+    assert result["scale_relative"] <= 1e-6
+    error, expected = torch.tensor(result["value_error"]), torch.tensor(result["expected"])
+    assert (error <= 2**-7 * expected + 1e-6).all(), error.max()
+    assert result["unscaled_value_error"] > 1.0  # a kernel that left the scale out would pass nothing above
+
+
+def _gpu_with_fp8_matrix_units() -> bool:
+    return torch.cuda.is_available() and fp8.fp8_matmul_supported("cuda")
+
+
+needs_fp8_gpu = pytest.mark.skipif(not _gpu_with_fp8_matrix_units(),
+                                   reason="needs a CUDA GPU with FP8 matrix units (run on the device: bench/README.md)")
+
+
+@needs_fp8_gpu
+def test_on_the_gpu_the_kernel_gives_the_torch_ops_e4m3_rows():
+    """The DiT's hidden shape: the kernel's e4m3 values and scales against the torch ops, eager. Their sigmoid and
+    bf16 roundings may differ in fp32's last bit, which moves a value across an e4m3 rounding boundary rarely."""
+    torch.manual_seed(0)
+    hidden = (torch.randn(4100, 16384, device="cuda") * 2).to(torch.bfloat16)
+    hidden[7] = 0.0
+    assert fp8_mlp.takes_gelu_quantize_kernel(hidden)
+    quantised, scale = fp8_mlp.gelu_quantize_kernel(hidden)
+    expected_scale = fp8_mlp.gelu_row_scales(hidden)
+    expected = fp8.cast_rows(fp8_mlp.gelu_tanh_by_sigmoid(hidden), expected_scale)
+    torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+    differ = quantised.float() != expected.float()
+    assert differ.float().mean().item() < 1e-3
+    assert ((quantised.float() - expected.float()).abs()[differ] <= expected.float().abs()[differ] / 8 + 2**-9).all()
+    assert (quantised[7].float() == 0).all()
+
+
+@needs_fp8_gpu
+def test_on_the_gpu_the_compiled_fold_runs_the_kernel_and_matches_eager():
+    """The fold inside torch.compile (inductor, dynamic token counts, as the DiT block compiles) launches the kernel
+    and gives the eager torch ops' MLP output within the e4m3 error of either."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ff = FeedForward(4096, 16384, 4096, _gelu_tanh).to("cuda", torch.bfloat16)
+    ff.net[2] = Fp8Linear.from_linear(ff.net[2])
+    compiled = torch.compile(ff, dynamic=True)
+    with torch.no_grad():
+        x = torch.randn(1, 4100, 4096, device="cuda").to(torch.bfloat16)
+        eager = ff(x)
+        got = compiled(x)
+        torch.testing.assert_close(compiled(x[:, :4097]), got[:, :4097], rtol=0.05, atol=0.05)
+    rel = ((got.float() - eager.float()).norm() / eager.float().norm()).item()
+    assert rel < 0.02, rel
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof, torch.no_grad():
+        compiled(x)
+        torch.cuda.synchronize()
+    names = [event.name for event in prof.events()]
+    assert any("_gelu_quantize_kernel" in name for name in names), sorted(set(names))
     torch._dynamo.reset()
