@@ -8,13 +8,17 @@ A variant is a weight format, optionally "+fast" (FP8 matmuls with cuBLAS's fast
 the tensor cores' own accumulator for the whole K instead of promoting partial sums to fp32; changes numbers, so
 its velocity error against bf16 is reported beside its speed; glm_core's FP8 DiT uses it since 2026-11-30),
 "+unfolded" (the FP8 MLP's GELU and its input quantisation as two passes, as before glm_core/dit/fp8_mlp.py folded
-them) and optionally "@flash" / "@cudnn" / "@efficient"
-(the SDPA backend forced while the DiT block compiles: dynamo is reset and the on-disk compile caches are bypassed
-for such a variant, so its graph is traced under that backend; the attention kernels' names in the profile show
-which one ran). Per variant: the DiT, glyph encoder loaded on the GPU (all resident), one prompt's glyph
+them), "+padded" (every FP8 matmul's input padded to 16 rows, as before glm_core.fp8.rows_to_pad), "+torchgelu"
+(that fold's pass as inductor's fused ops instead of glm_core's Triton kernel), "+tuned" / "+mk" (inductor's
+coordinate-descent tuning / multi-kernel reductions for the blocks' fused kernels; candidates: see docs/PERFORMANCE.md)
+and optionally
+"@flash" / "@cudnn" / "@efficient" (the SDPA backend forced while the DiT block compiles: dynamo is reset and the
+on-disk compile caches are bypassed for such a variant, so its graph is traced under that backend; the attention
+kernels' names in the profile show which one ran). Per variant: the DiT, glyph encoder loaded on the GPU (all resident), one prompt's glyph
 embeddings, random prior ids from the codebook (the DiT's cost does not depend on their values), the first
 `--steps` steps of the 50-step schedule:
-- one warm-up run (compiles), then `--reps` timed runs (host clock between synchronisations): s per guided step;
+- a first run, timed (`first_run_s`: compiling or reading the compile caches, and tuning), one more warm-up run,
+  then `--reps` timed runs (host clock between synchronisations): s per guided step;
 - one run under torch's profiler (bench/kernel_profile.py): per guided step, kernels grouped into matmuls,
   attention, inductor's fused kernels and the rest, with the matmul and attention FLOPs counted from the config and
   the achieved rates against the matmul ceilings measured at the start of the run (bf16, and e4m3 with row-wise
@@ -34,12 +38,14 @@ import torch
 from bench import harness, kernel_profile
 from bench.harness import Deadline, measure
 from glm_core import pipeline
+from glm_core.dit import fp8_mlp
 
 PROMPT = 'A red fox on a snowy hill at dawn, a wooden sign that says "GLM"'
 TOTAL_STEPS = 50
 GUIDANCE = 1.5
 
 KERNEL_GROUPS = [
+    ("_gelu_quantize_kernel", "glm_core's GELU + e4m3 quantisation kernel (FP8 MLP)"),
     ("triton_tem", "matmul (inductor template)"),
     ("triton_", "inductor-fused: norms, modulation, rope, gates, residuals, activations, casts"),
     ("flash", "attention"),
@@ -67,13 +73,18 @@ def kernel_group(name: str) -> str:
 
 
 FLAGS = {"fast": "fast FP8 accumulation",
-         "unfolded": "the FP8 MLP's GELU and input quantisation unfolded (glm_core/dit/fp8_mlp.py folds them)"}
-FP8_ONLY_FLAGS = ("fast", "unfolded")
+         "unfolded": "the FP8 MLP's GELU and input quantisation unfolded (glm_core/dit/fp8_mlp.py folds them)",
+         "padded": "every FP8 matmul's input padded to a multiple of 16 rows, as before glm_core.fp8.rows_to_pad",
+         "tuned": "inductor's coordinate-descent tuning of the block's fused kernels",
+         "mk": "inductor's multi-kernel reductions (persistent and looped compiled, the faster one picked when run)",
+         "torchgelu": "the FP8 MLP fold's GELU + quantisation as inductor's fused ops, not glm_core's Triton kernel"}
+FP8_ONLY_FLAGS = ("fast", "unfolded", "padded", "torchgelu")
+INDUCTOR_OPTIONS = {"tuned": {"coordinate_descent_tuning": True}, "mk": {"triton.multi_kernel": 1}}
 
 
 def parse_variant(text: str) -> dict:
     """"fp8+fast+unfolded@cudnn" -> {"weights": "fp8", "fast_accum": True, "fold_gelu": False,
-    "attention": "cudnn"}."""
+    "pad_all_rows": False, "gelu_kernel": True, "inductor_options": {}, "attention": "cudnn"}."""
     rest, _, attention = text.partition("@")
     weights, *flags = rest.split("+")
     if weights not in ("bf16", "fp8") or any(flag not in FLAGS for flag in flags):
@@ -85,7 +96,10 @@ def parse_variant(text: str) -> dict:
     if attention and attention not in SDPA_BACKENDS:
         raise ValueError(f"variant {text!r}: unknown attention backend {attention!r}; one of {list(SDPA_BACKENDS)}")
     return {"name": text, "weights": weights, "fast_accum": "fast" in flags,
-            "fold_gelu": "unfolded" not in flags, "attention": attention or None}
+            "fold_gelu": "unfolded" not in flags, "pad_all_rows": "padded" in flags,
+            "gelu_kernel": "torchgelu" not in flags,
+            "inductor_options": {k: v for flag in flags for k, v in INDUCTOR_OPTIONS.get(flag, {}).items()},
+            "attention": attention or None}
 
 
 def guided_step_flops(config, text_tokens: int, image_tokens: int, guidance: float) -> dict:
@@ -172,6 +186,56 @@ def gelu_fold(dit: torch.nn.Module, enabled: bool):
         torch._dynamo.reset()
 
 
+@contextlib.contextmanager
+def row_padding(pad_all_rows: bool):
+    """Every FP8 `_scaled_mm` input padded to a multiple of 16 rows for a "+padded" variant (glm_core pads only
+    inputs of fewer rows: `fp8.rows_to_pad`), dynamo reset around it so that the blocks are traced with it."""
+    if not pad_all_rows:
+        yield
+        return
+    from glm_core import fp8
+
+    torch._dynamo.reset()
+    saved = fp8.rows_to_pad
+    fp8.rows_to_pad = lambda rows: (-rows) % fp8.SCALED_MM_ALIGNMENT
+    try:
+        yield
+    finally:
+        fp8.rows_to_pad = saved
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value, apply: bool):
+    """module.name set to value while a variant compiles and runs (when `apply`), dynamo reset around it so that the
+    blocks are traced with it."""
+    if not apply:
+        yield
+        return
+    torch._dynamo.reset()
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def inductor_options(options: dict):
+    """Inductor's config patched while the blocks compile and run ("+tuned", "+mk"), dynamo reset around it."""
+    if not options:
+        yield
+        return
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(options):
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
 class Workload:
     """The conditioning, schedule and noise of the timed steps for one loaded model."""
 
@@ -219,6 +283,8 @@ def profile_variant(workload: Workload, reps: int, clock: Deadline) -> dict:
     device = workload.model.device
     on_cuda = device.type == "cuda"
     seeds = iter(range(workload.seed, workload.seed + 1000))
+    # the first run: what compiling (or reading the compile caches) and tuning add for this variant
+    first_run_s = harness.time_once(lambda: workload.run(workload.noise(next(seeds))), device, wall=True)
     timing = measure(workload.run, device=device, setup=lambda: workload.noise(next(seeds)), warmup=1, reps=reps,
                      deadline=clock, wall=True)
     latents = workload.noise(next(seeds))
@@ -228,6 +294,7 @@ def profile_variant(workload: Workload, reps: int, clock: Deadline) -> dict:
     window.stop()
     profile = kernel_profile.summarise(window.events(), workload.steps, window.wall_s, KERNEL_GROUPS, unit="step")
     return {"s_per_step": _sig(timing.median / workload.steps), "timing": timing.as_dict(),
+            "first_run_s": _sig(first_run_s),
             "steps_per_run": workload.steps, "glyph_tokens": int(workload.cond.glyph_embeds.shape[1]),
             "image_tokens": workload.image_tokens, "profile": profile}
 
@@ -334,7 +401,9 @@ def main(argv=None) -> int:
                 loaded = (variant["weights"], model, Workload(model, size, args.steps, seed=7))
             workload = loaded[2]
             set_fast_accum(workload.dit, variant["fast_accum"])
-            with attention_backend(variant["attention"]), gelu_fold(workload.dit, variant["fold_gelu"]):
+            with (attention_backend(variant["attention"]), gelu_fold(workload.dit, variant["fold_gelu"]),
+                  row_padding(variant["pad_all_rows"]), inductor_options(variant["inductor_options"]),
+                  patched(fp8_mlp, "takes_gelu_quantize_kernel", lambda hidden: False, not variant["gelu_kernel"])):
                 result = profile_variant(workload, args.reps, clock)
                 velocity = workload.velocity()
             if first_velocity is None:

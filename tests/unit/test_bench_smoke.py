@@ -364,12 +364,12 @@ def test_dit_profile_reports_a_guided_step_op_by_op_per_variant(tmp_path, tiny_c
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, "-m", "bench.dit_profile", "--tiny", "--model", str(tiny_checkpoint),
-                           "--variants", "bf16,fp8,fp8+unfolded", "--steps", "2", "--reps", "1",
+                           "--variants", "bf16,fp8,fp8+unfolded,fp8+padded+torchgelu", "--steps", "2", "--reps", "1",
                            "--out", str(tmp_path)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "dit_profile.json").read_text())
-    assert list(data["results"]) == ["bf16", "fp8", "fp8+unfolded"]
+    assert list(data["results"]) == ["bf16", "fp8", "fp8+unfolded", "fp8+padded+torchgelu"]
     assert data["ceilings"]["bf16_matmul_tflops"] > 0
     for name, result in data["results"].items():
         prof = result["profile"]
@@ -381,7 +381,7 @@ def test_dit_profile_reports_a_guided_step_op_by_op_per_variant(tmp_path, tiny_c
     errors = {name: result["velocity_relative_error"] for name, result in data["results"].items()}
     assert errors["bf16"] == 0.0 and 0 < errors["fp8"] < 0.1
     # on the CPU the FP8 linears take the weight-only path, where the MLP is not folded: the same numbers
-    assert errors["fp8+unfolded"] == errors["fp8"]
+    assert errors["fp8+unfolded"] == errors["fp8"] == errors["fp8+padded+torchgelu"]
     assert (tmp_path / "dit_profile.md").read_text().startswith("# GLM-Image DiT guided step")
 
 
@@ -390,11 +390,17 @@ def test_dit_profile_variants_are_parsed_and_bad_ones_refused():
     from glm_core.dit.config import DiTConfig
 
     assert parse_variant("fp8+fast@cudnn") == {"name": "fp8+fast@cudnn", "weights": "fp8", "fast_accum": True,
-                                               "fold_gelu": True, "attention": "cudnn"}
+                                               "fold_gelu": True, "pad_all_rows": False, "gelu_kernel": True,
+                                               "inductor_options": {}, "attention": "cudnn"}
     assert parse_variant("bf16") == {"name": "bf16", "weights": "bf16", "fast_accum": False, "fold_gelu": True,
+                                     "pad_all_rows": False, "gelu_kernel": True, "inductor_options": {},
                                      "attention": None}
     assert parse_variant("fp8+fast+unfolded")["fold_gelu"] is False
-    for bad in ("bf16+fast", "bf16+unfolded", "fp16", "fp8+slow", "bf16@fa3", "fp8+rowmax"):
+    assert parse_variant("fp8+fast+padded")["pad_all_rows"] is True
+    assert parse_variant("bf16+tuned+mk")["inductor_options"] == {"coordinate_descent_tuning": True,
+                                                                  "triton.multi_kernel": 1}
+    assert parse_variant("fp8+torchgelu")["gelu_kernel"] is False
+    for bad in ("bf16+fast", "bf16+unfolded", "bf16+padded", "bf16+torchgelu", "fp16", "fp8+slow", "bf16@fa3", "fp8+rowmax"):
         with pytest.raises(ValueError, match="variant"):
             parse_variant(bad)
     # the real DiT at 1024² (spec: 30 blocks of dim 4096; 4096 image tokens): ~117 TFLOP per guided step with 64
