@@ -88,6 +88,19 @@ def is_compiler_error(exc: BaseException) -> bool:
     return isinstance(exc, compiler_errors) and not is_out_of_memory(exc)
 
 
+def compiler_failure_reason(exc: BaseException) -> str:
+    """One line saying why the compiler failed: the error's type and first line, and for a backend failure (whose
+    own first line is only "backend='inductor' raised:") the error the backend raised."""
+    def first_line(error: BaseException) -> str:
+        return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+
+    reason = f"{type(exc).__name__}: {first_line(exc)}"
+    inner = getattr(exc, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        reason = f"{type(exc).__name__}: {type(inner).__name__}: {first_line(inner)}"
+    return reason[:500]
+
+
 class CompiledOrEager:
     """`fn` through torch.compile; when the compiler fails, it logs the reason once and runs `fn` eagerly
     from then on. Any other exception (an out-of-memory error, an interrupt, a bad input) propagates.
@@ -116,9 +129,10 @@ class CompiledOrEager:
             except Exception as exc:
                 if not is_compiler_error(exc):
                     raise
-                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.fallback_reason = compiler_failure_reason(exc)
                 log.warning("%s: torch.compile failed (%s); running eagerly from now on (set %s=1 to skip "
                             "compiling)", self.name, self.fallback_reason, NO_COMPILE_ENV)
+                log.debug("%s: the compiler's traceback", self.name, exc_info=exc)
         return self.fn(*args, **kwargs)
 
 

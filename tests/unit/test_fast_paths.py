@@ -192,6 +192,20 @@ def test_out_of_memory_and_other_errors_never_fall_back(error):
     assert not wrapper.failed, "the next call must try the compiled path again"
 
 
+def test_a_backend_failure_is_logged_with_the_error_the_backend_raised(caplog):
+    """A backend failure's own first line is only "backend='inductor' raised:": the fallback's reason names the error
+    under it (seen on the H200, 2026-11-30, where the reason logged was that first line alone)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    wrapper = compiling.CompiledOrEager(lambda x: x + 1, "test fn", backend="aot_eager")
+    wrapper.compiled = _raising(BackendCompilerFailed(lambda: None, KeyError("triton_per_fused_3 not in cache"),
+                                                      None))
+    with caplog.at_level(logging.WARNING, logger="glm_core"):
+        assert wrapper(torch.ones(1)).item() == 2
+    assert wrapper.fallback_reason == "BackendCompilerFailed: KeyError: 'triton_per_fused_3 not in cache'"
+    assert wrapper.fallback_reason in caplog.records[0].message
+
+
 def test_oom_inside_a_compiler_error_is_an_oom():
     from torch._dynamo.exc import BackendCompilerFailed
 
