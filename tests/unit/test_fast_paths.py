@@ -13,7 +13,6 @@ import torch
 
 from glm_core import compiling
 from glm_core.ar.decode import _decode_layer, generate_sequences, prepare_prompt
-from glm_core.ar.model import load_ar
 from glm_core.checkpoint import official_state_dict, read_headers
 from tests.compare import rel_err
 from tests.forcing import cached_forced_logits
@@ -40,6 +39,17 @@ def test_compile_switch(monkeypatch):
     assert compiling.compile_wanted("cuda", True)
 
 
+def assert_split_parts_are_the_stored_tensors(official, headers, prefix, parts):
+    """Each part split back from a fused projection equals the tensor the checkpoint stores under its key."""
+    from safetensors import safe_open
+
+    for part in parts:
+        for leaf in ("weight", "bias"):
+            key = f"{prefix}{part}.{leaf}"
+            with safe_open(str(headers[key][2]), framework="pt") as handle:
+                assert torch.equal(official[key], handle.get_tensor(key).float()), key
+
+
 def test_qkv_fused_once_at_load(tiny_checkpoint, ar_models):
     """The checkpoint's q/k/v rows are concatenated when the weights load: one (q+2kv, hidden) projection, no
     separate copies, and the official key names come back when the model is written out."""
@@ -49,13 +59,8 @@ def test_qkv_fused_once_at_load(tiny_checkpoint, ar_models):
     headers = read_headers(tiny_checkpoint / "vision_language_encoder")
     official = official_state_dict(ours)
     assert {k for k in headers if not k.startswith(("model.visual.", "model.vqmodel."))} == set(official)
-    from safetensors import safe_open
-    prefix = "model.language_model.layers.0.self_attn."
-    for part in ("q_proj", "k_proj", "v_proj"):
-        for leaf in ("weight", "bias"):
-            key = f"{prefix}{part}.{leaf}"
-            with safe_open(str(headers[key][2]), framework="pt") as handle:
-                assert torch.equal(official[key], handle.get_tensor(key).float()), key
+    assert_split_parts_are_the_stored_tensors(official, headers, "model.language_model.layers.0.self_attn.",
+                                              ("q_proj", "k_proj", "v_proj"))
     # a reference-style state dict (separate q/k/v) loads through the pre-hook
     copy_model = copy.deepcopy(ours)
     copy_model.load_state_dict(official, strict=True)
@@ -65,8 +70,6 @@ def test_qkv_fused_once_at_load(tiny_checkpoint, ar_models):
 def test_dit_qkv_fused_once_at_load(tiny_checkpoint):
     """The DiT's to_q / to_k / to_v load as one `to_qkv` (rows q | k | v), the official keys come back when it is
     written out, and a reference-style state dict loads through the pre-hook."""
-    from safetensors import safe_open
-
     from glm_core.dit.model import load_dit
 
     dit = load_dit(tiny_checkpoint, "cpu", torch.float32, compile=False)
@@ -75,11 +78,7 @@ def test_dit_qkv_fused_once_at_load(tiny_checkpoint):
     headers = read_headers(tiny_checkpoint / "transformer")
     official = official_state_dict(dit)
     assert set(headers) == set(official)
-    for part in ("to_q", "to_k", "to_v"):
-        for leaf in ("weight", "bias"):
-            key = f"transformer_blocks.0.attn1.{part}.{leaf}"
-            with safe_open(str(headers[key][2]), framework="pt") as handle:
-                assert torch.equal(official[key], handle.get_tensor(key).float()), key
+    assert_split_parts_are_the_stored_tensors(official, headers, "transformer_blocks.0.attn1.", ("to_q", "to_k", "to_v"))
     copy_model = copy.deepcopy(dit)
     for leaf in ("weight", "bias"):
         getattr(copy_model.transformer_blocks[0].attn1.to_qkv, leaf).data.zero_()
