@@ -11,10 +11,11 @@ its velocity error against bf16 is reported beside its speed; glm_core's FP8 DiT
 them), "+padded" (every FP8 matmul's input padded to 16 rows, as before glm_core.fp8.rows_to_pad), "+torchgelu"
 (that fold's pass as inductor's fused ops instead of glm_core's Triton kernel), "+tuned" / "+mk" (inductor's
 coordinate-descent tuning / multi-kernel reductions for the blocks' fused kernels; candidates: see docs/PERFORMANCE.md)
-and optionally
-"@flash" / "@cudnn" / "@efficient" (the SDPA backend forced while the DiT block compiles: dynamo is reset and the
-on-disk compile caches are bypassed for such a variant, so its graph is traced under that backend; the attention
-kernels' names in the profile show which one ran). Per variant: the DiT, glyph encoder loaded on the GPU (all resident), one prompt's glyph
+and optionally "@flash" / "@cudnn" / "@efficient" (the SDPA backend forced while the DiT block compiles: dynamo is
+reset and the on-disk compile caches are bypassed for such a variant, so its graph is traced under that backend; the
+attention kernels' names in the profile show which one ran). A variant's changes to glm_core (a module's function or
+an attribute) are made with dynamo reset around them, so that the blocks are traced with them. Per variant: the DiT,
+glyph encoder loaded on the GPU (all resident), one prompt's glyph
 embeddings, random prior ids from the codebook (the DiT's cost does not depend on their values), the first
 `--steps` steps of the 50-step schedule:
 - a first run, timed (`first_run_s`: compiling or reading the compile caches, and tuning), one more warm-up run,
@@ -37,7 +38,7 @@ import torch
 
 from bench import harness, kernel_profile
 from bench.harness import Deadline, measure
-from glm_core import pipeline
+from glm_core import fp8, pipeline
 from glm_core.dit import fp8_mlp
 
 PROMPT = 'A red fox on a snowy hill at dawn, a wooden sign that says "GLM"'
@@ -183,25 +184,6 @@ def gelu_fold(dit: torch.nn.Module, enabled: bool):
     finally:
         for block in blocks:
             block.ff.folds_gelu = True
-        torch._dynamo.reset()
-
-
-@contextlib.contextmanager
-def row_padding(pad_all_rows: bool):
-    """Every FP8 `_scaled_mm` input padded to a multiple of 16 rows for a "+padded" variant (glm_core pads only
-    inputs of fewer rows: `fp8.rows_to_pad`), dynamo reset around it so that the blocks are traced with it."""
-    if not pad_all_rows:
-        yield
-        return
-    from glm_core import fp8
-
-    torch._dynamo.reset()
-    saved = fp8.rows_to_pad
-    fp8.rows_to_pad = lambda rows: (-rows) % fp8.SCALED_MM_ALIGNMENT
-    try:
-        yield
-    finally:
-        fp8.rows_to_pad = saved
         torch._dynamo.reset()
 
 
@@ -402,7 +384,8 @@ def main(argv=None) -> int:
             workload = loaded[2]
             set_fast_accum(workload.dit, variant["fast_accum"])
             with (attention_backend(variant["attention"]), gelu_fold(workload.dit, variant["fold_gelu"]),
-                  row_padding(variant["pad_all_rows"]), inductor_options(variant["inductor_options"]),
+                  patched(fp8, "rows_to_pad", lambda rows: (-rows) % fp8.SCALED_MM_ALIGNMENT, variant["pad_all_rows"]),
+                  inductor_options(variant["inductor_options"]),
                   patched(fp8_mlp, "takes_gelu_quantize_kernel", lambda hidden: False, not variant["gelu_kernel"])):
                 result = profile_variant(workload, args.reps, clock)
                 velocity = workload.velocity()

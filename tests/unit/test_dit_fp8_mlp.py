@@ -11,7 +11,7 @@ from glm_core.dit import fp8_mlp
 from glm_core.dit.layers import FeedForward, _gelu_tanh
 from glm_core.fp8 import Fp8Linear, quantize_rows
 from tests.child_runs import run_child
-from tests.scaled_mm_cpu import needs_cpu_rowwise_scaled_mm
+from tests.scaled_mm_cpu import needs_cpu_rowwise_scaled_mm, needs_fp8_gpu
 
 
 def test_the_sigmoid_form_is_the_tanh_gelu_up_to_fp32_rounding():
@@ -168,14 +168,6 @@ def test_the_kernel_computes_the_rows_and_scales_of_the_torch_ops():
     error, expected = torch.tensor(result["value_error"]), torch.tensor(result["expected"])
     assert (error <= 2**-7 * expected + 1e-6).all(), error.max()
     assert result["unscaled_value_error"] > 1.0  # a kernel that left the scale out would pass nothing above
-
-
-def _gpu_with_fp8_matrix_units() -> bool:
-    return torch.cuda.is_available() and fp8.fp8_matmul_supported("cuda")
-
-
-needs_fp8_gpu = pytest.mark.skipif(not _gpu_with_fp8_matrix_units(),
-                                   reason="needs a CUDA GPU with FP8 matrix units (run on the device: bench/README.md)")
 
 
 @needs_fp8_gpu

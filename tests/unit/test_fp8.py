@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_core import fp8
-from tests.scaled_mm_cpu import needs_cpu_rowwise_scaled_mm
+from tests.scaled_mm_cpu import needs_cpu_rowwise_scaled_mm, needs_fp8_gpu
 
 E4M3_MAX = 448.0
 # e4m3: 3 mantissa bits -> rounding a normal value moves it by at most half an ulp = 2^-4 of its size;
@@ -197,12 +197,7 @@ def test_scaled_mm_path_matches_its_emulation_and_the_dequant_path(dtype, shape,
     assert _relative(y, unquantised) <= 0.05  # measured 0.038
 
 
-def _gpu_with_fp8_matrix_units() -> bool:
-    return torch.cuda.is_available() and fp8.fp8_matmul_supported("cuda")
-
-
-@pytest.mark.skipif(not _gpu_with_fp8_matrix_units(), reason="needs a CUDA GPU with FP8 matrix units (run on the "
-                    "device: bench/README.md)")
+@needs_fp8_gpu
 @pytest.mark.parametrize("fast_accum", [False, True], ids=["fp32_accum", "fast_accum"])
 @pytest.mark.parametrize("rows", [1, 17, 4097, 4100])
 def test_scaled_mm_on_the_gpu_matches_its_emulation_padded_or_not(rows, fast_accum):
